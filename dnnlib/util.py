@@ -1,0 +1,102 @@
+"""EasyDict, construct-by-name, and a download cache under ./src/{dataset_name}/.
+
+Downloads never happen twice: a file already present in the cache folder is used as is.
+With no network the error names the file, the URL and the folder to place it in, within seconds.
+"""
+
+import importlib
+import os
+import tempfile
+import urllib.parse
+
+
+class EasyDict(dict):
+    """A dict whose keys are also attributes (cfg.lr == cfg['lr'])."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+    def __delattr__(self, name):
+        del self[name]
+
+
+def get_obj_by_name(name):
+    """'package.module.attr' -> the attribute."""
+    module_name, _, attr = name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"expected a dotted name 'module.attr', got {name!r}")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def construct_class_by_name(*args, class_name, **kwargs):
+    return get_obj_by_name(class_name)(*args, **kwargs)
+
+
+class DownloadError(RuntimeError):
+    """A needed file is neither in the cache nor downloadable."""
+
+
+def _file_name_from_url(url):
+    return os.path.basename(urllib.parse.urlparse(url).path) or "download"
+
+
+def download_file(url, cache_dir, file_name=None, timeout=20, verbose=True):
+    """Return the local path of `url` inside `cache_dir`, downloading it only if absent.
+
+    The download goes to a temporary file in the same folder and is renamed when complete,
+    so an interrupted download never leaves a truncated file that would be trusted later.
+    """
+    file_name = file_name or _file_name_from_url(url)
+    cache_dir = os.path.abspath(cache_dir)
+    path = os.path.join(cache_dir, file_name)
+    if os.path.isfile(path):
+        return path
+    if os.path.isfile(url):  # a local path given where a URL is allowed
+        return url
+    hint = f"cannot get '{file_name}' from {url}: download it yourself and put it in {cache_dir}/"
+    if os.environ.get("SFD_OFFLINE", "0") == "1":
+        raise DownloadError(hint + " (SFD_OFFLINE=1)")
+    import requests  # imported here: only needed when something must be fetched
+
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{file_name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # timeout=(connect, read): with no network the connect fails or times out in seconds.
+            with requests.get(url, stream=True, timeout=(timeout, 60)) as r:
+                r.raise_for_status()
+                total = int(r.headers.get("content-length", 0)) or None
+                bar = _progress(total, file_name) if verbose else None
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                if bar is not None:
+                    bar.close()
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DownloadError(f"{hint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return path
+
+
+def _progress(total, name):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}", leave=False)
+
+
+def open_url(url, cache_dir="./src", file_name=None, mode="rb"):
+    """Open a local path or a URL (cached under cache_dir) for reading."""
+    if os.path.isfile(url):
+        return open(url, mode)
+    if "://" not in url:
+        raise FileNotFoundError(f"no such file: {url}")
+    return open(download_file(url, cache_dir, file_name=file_name), mode)

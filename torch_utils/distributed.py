@@ -1,0 +1,70 @@
+"""Process-group helpers that work the same under torchrun and plain `python`.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; without them we run as a single
+process and never create a process group. NCCL on CUDA, gloo on CPU.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(device=None):
+    """Initialise the default process group if launched by torchrun. Returns the device to use."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def shutdown():
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_mean(t):
+    """Average a tensor over ranks (in place on a copy); identity for one process."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / get_world_size()
+
+
+def broadcast_module(module, src=0):
+    """Make every rank start from rank src's parameters and buffers."""
+    if not is_distributed():
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=src)
