@@ -100,3 +100,27 @@ def open_url(url, cache_dir="./src", file_name=None, mode="rb"):
     if "://" not in url:
         raise FileNotFoundError(f"no such file: {url}")
     return open(download_file(url, cache_dir, file_name=file_name), mode)
+
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.stream.write(text)
+        self.file.write(text)
+        self.file.flush()
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def tee_stdout(path):
+    """Copy everything printed to stdout into `path` (appending), e.g. an experiment's log.txt."""
+    import sys
+
+    sys.stdout = _Tee(sys.stdout, open(path, "a", encoding="utf-8"))

@@ -10,7 +10,7 @@ if ROOT not in sys.path:
 
 # Tests never reach the network: downloads must fail fast and clearly.
 os.environ.setdefault("SFD_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny test convolutions run fastest single-threaded on shared cores
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,3 +18,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+TINY_SONG = dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=16,
+                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0, augment_dim=0)
+TINY_DHARIWAL = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="DhariwalUNet", model_channels=16,
+                     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+
+
+def build_tiny_edm(seed=0, **overrides):
+    """A tiny EDMPrecond with random weights (deterministic for a seed)."""
+    from models import EDMPrecond
+
+    kwargs = dict(TINY_SONG, **overrides)
+    torch.manual_seed(seed)
+    return EDMPrecond(**kwargs)
+
+
+def write_edm_pickle(path, net):
+    """A genuine EDM-format training snapshot holding `net` under 'ema'."""
+    from torch_utils.persistence import save_edm_pickle
+
+    save_edm_pickle(str(path), {"ema": net})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_pkl(tmp_path_factory):
+    """Path of a tiny unconditional 1-channel 8×8 EDM teacher pickle, and the network it holds."""
+    net = build_tiny_edm(seed=0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny-edm.pkl"
+    return write_edm_pickle(path, net), net
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_teacher_pkl(tmp_path_factory):
+    """A tiny class-conditional (4 classes) 3-channel DhariwalUNet teacher pickle."""
+    net = build_tiny_edm(seed=1, **TINY_DHARIWAL)
+    path = tmp_path_factory.mktemp("teacher") / "tiny-edm-cond.pkl"
+    return write_edm_pickle(path, net), net

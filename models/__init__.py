@@ -1,0 +1,13 @@
+"""Backbones, preconditioning, the backbone table, the one loader and our snapshot format."""
+
+from .edm import DhariwalUNet, RecordedModule, SongUNet
+from .loader import LoadedNetwork, load_network
+from .precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
+from .registry import BACKBONES, Backbone, get_backbone
+from .snapshot import NETWORK_CLASSES, load_snapshot, register_network_class, save_snapshot
+
+__all__ = [
+    "BACKBONES", "Backbone", "DhariwalUNet", "EDMPrecond", "LoadedNetwork", "NETWORK_CLASSES", "RecordedModule",
+    "SongUNet", "VEPrecond", "VPPrecond", "get_backbone", "iDDPMPrecond", "load_network", "load_snapshot",
+    "register_network_class", "save_snapshot",
+]

@@ -1,0 +1,602 @@
+"""EDM's U-Net backbones with EDM's parameter names, plus SFD-v's step-condition layers.
+
+SongUNet is DDPM++/NCSN++ (Song et al. 2021) and DhariwalUNet is ADM (Dhariwal & Nichol 2021), both as
+re-implemented by EDM (Karras et al. 2022). Parameter names, buffer names and constructor keywords follow
+EDM exactly, so the state of EDM's released checkpoints loads strictly.
+
+SFD-v (SFD paper, Sec. 4 "variable NFEs"; SPEC §5): with `use_step_condition=True` a second embedding
+path maps the step condition (the student's `num_steps`) through `map_step`, `map_step_layer0`,
+`map_step_layer1`, and every UNet block gets an `affine_step` projection of it. Names and wiring match the
+paper's code, so networks trained there load here with strict keys.
+"""
+
+import copy
+import functools
+import inspect
+import math
+
+import numpy as np
+import torch
+from torch.nn.functional import silu
+
+# Module names that exist only in SFD-v networks (a plain checkpoint has none of them).
+STEP_LAYER_NAMES = ("map_step", "map_step_layer0", "map_step_layer1", "affine_step")
+
+
+def is_step_layer_key(key):
+    """True for a state_dict key that belongs to an SFD-v step-condition layer."""
+    return any(part in STEP_LAYER_NAMES for part in key.split("."))
+
+
+# ----------------------------------------------------------------------------
+# Constructor recording: a snapshot stores `init_kwargs` and rebuilds the network from it.
+
+
+def _to_plain(value):
+    """Constructor arguments as JSON types (numpy scalars -> float/int, tuples -> lists)."""
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _recording_init(init):
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        recorded = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                recorded.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f"{type(self).__name__} takes keyword arguments only, got extra {value!r}")
+            else:
+                recorded[name] = value
+        init(self, *args, **kwargs)
+        # Set after init so that a subclass's record replaces the one its base class wrote.
+        self._init_kwargs = _to_plain(recorded)
+
+    return wrapper
+
+
+class RecordedModule(torch.nn.Module):
+    """A torch module that remembers every constructor argument (defaults included) as `init_kwargs`.
+
+    Subclasses get this automatically; `type(net)(**net.init_kwargs)` rebuilds the same architecture.
+    The record lives in `_init_kwargs`, the attribute EDM's persistence pickles, so our modules can be
+    written as EDM-format pickles (torch_utils/persistence.py).
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__init__)
+
+    @property
+    def init_kwargs(self):
+        return copy.deepcopy(self._init_kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Layers (EDM's weight initialisation; weights are cast to the activation dtype for fp16 runs).
+
+
+def weight_init(shape, mode, fan_in, fan_out):
+    if mode == "xavier_uniform":
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f"unknown init_mode {mode!r}: use xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal")
+
+
+class Linear(RecordedModule):
+    def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x):
+        x = x @ self.weight.to(x.dtype).t()
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype)
+        return x
+
+
+class Conv2d(RecordedModule):
+    """Convolution with optional 2x up/down-sampling by a separable FIR filter (`resample_filter`)."""
+
+    def __init__(self, in_channels, out_channels, kernel, bias=True, up=False, down=False,
+                 resample_filter=(1, 1), fused_resample=False, init_mode="kaiming_normal", init_weight=1, init_bias=0):
+        if up and down:
+            raise ValueError("Conv2d: up and down cannot both be set")
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = torch.outer(f, f)[None, None] / f.sum().square()
+        # Registered even when unused (as None) so the state_dict matches EDM's key for key.
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        conv, conv_t = torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d
+
+        if self.fused_resample and self.up and w is not None:
+            x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
+            x = conv(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = conv(x, w, padding=w_pad + f_pad)
+            x = conv(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:
+                x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if self.down:
+                x = conv(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
+            if w is not None:
+                x = conv(x, w, padding=w_pad)
+        if b is not None:
+            x = x + b.reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(RecordedModule):
+    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
+                                              bias=self.bias.to(x.dtype), eps=self.eps)
+
+
+class UNetBlock(RecordedModule):
+    """EDM's unified residual block (DDPM++, NCSN++ and ADM), optionally with self-attention.
+
+    With `use_step_condition`, `affine_step` adds the step embedding next to the noise embedding:
+    non-adaptive (SongUNet): x = silu(norm1(x + affine(emb) + affine_step(emb_step)));
+    adaptive (DhariwalUNet): x = norm1(x)*(1+scale)+shift, then x = silu(x*(1+scale_step)+shift_step).
+    """
+
+    def __init__(self, in_channels, out_channels, emb_channels, up=False, down=False, attention=False,
+                 num_heads=None, channels_per_head=64, dropout=0, skip_scale=1, eps=1e-5,
+                 resample_filter=(1, 1), resample_proj=False, adaptive_scale=True,
+                 init=None, init_zero=None, init_attn=None, use_step_condition=False):
+        super().__init__()
+        init = dict(init or {})
+        init_zero = dict(init_zero if init_zero is not None else dict(init_weight=0))
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+        emb_out = out_channels * (2 if adaptive_scale else 1)
+
+        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down,
+                            resample_filter=resample_filter, **init)
+        self.affine = Linear(in_features=emb_channels, out_features=emb_out, **init)
+        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
+        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
+        # SFD-v: initialised like its neighbour `affine` (not zero), as in the paper's code.
+        self.affine_step = Linear(in_features=emb_channels, out_features=emb_out, **init) if use_step_condition else None
+
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down,
+                               resample_filter=resample_filter, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1,
+                              **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
+
+    def forward(self, x, emb, emb_step=None):
+        orig = x
+        x = self.conv0(silu(self.norm0(x)))
+
+        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        step = emb_step is not None and self.affine_step is not None
+        params_step = self.affine_step(emb_step)[:, :, None, None].to(x.dtype) if step else None
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = torch.addcmul(shift, self.norm1(x), scale + 1)
+            if step:
+                scale_step, shift_step = params_step.chunk(chunks=2, dim=1)
+                x = torch.addcmul(shift_step, x, scale_step + 1)
+            x = silu(x)
+        else:
+            x = x + params
+            if step:
+                x = x + params_step
+            x = silu(self.norm1(x))
+
+        x = self.conv1(torch.nn.functional.dropout(x, p=self.dropout, training=self.training))
+        x = x + (self.skip(orig) if self.skip is not None else orig)
+        x = x * self.skip_scale
+
+        if self.num_heads:
+            x = (self.proj(self._attention(self.norm2(x))) + x) * self.skip_scale
+        return x
+
+    def _attention(self, h):
+        # EDM: per head, softmax(q^T k / sqrt(channels per head)) over positions, applied to v.
+        # scaled_dot_product_attention computes the same (softmax accumulated in fp32 on CUDA kernels).
+        n, c, height, width = h.shape
+        heads, ch = self.num_heads, c // self.num_heads
+        q, k, v = self.qkv(h).reshape(n * heads, ch, 3, height * width).unbind(2)
+        q, k, v = (t.transpose(1, 2).reshape(n, heads, height * width, ch) for t in (q, k, v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return a.reshape(n * heads, height * width, ch).transpose(1, 2).reshape(n, c, height, width)
+
+
+class PositionalEmbedding(RecordedModule):
+    """Sinusoidal embedding [cos(x f), sin(x f)], f = max_positions^(-i/(C/2 - endpoint))."""
+
+    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x):
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(RecordedModule):
+    """Random Fourier features (NCSN++); `freqs` is a buffer, so it travels with the checkpoint."""
+
+    def __init__(self, num_channels, scale=16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x):
+        x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+def _swap_sin_cos(emb):
+    # DDPM++ orders its sinusoidal embedding [sin, cos]; EDM emulates it by flipping halves.
+    return emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
+
+
+def _dropped_labels(class_labels, label_dropout, training):
+    if training and label_dropout:
+        keep = torch.rand([class_labels.shape[0], 1], device=class_labels.device) >= label_dropout
+        return class_labels * keep.to(class_labels.dtype)
+    return class_labels
+
+
+# ----------------------------------------------------------------------------
+# DDPM++ / NCSN++ (EDM's SongUNet).
+
+
+class SongUNet(RecordedModule):
+    def __init__(self,
+                 img_resolution,                  # Image resolution at input/output.
+                 in_channels,                     # Number of color channels at input.
+                 out_channels,                    # Number of color channels at output.
+                 label_dim=0,                     # Number of class labels, 0 = unconditional.
+                 augment_dim=0,                   # Augmentation label dimensionality, 0 = no augmentation.
+                 model_channels=128,              # Base multiplier for the number of channels.
+                 channel_mult=(1, 2, 2, 2),       # Per-resolution multipliers for the number of channels.
+                 channel_mult_emb=4,              # Multiplier for the dimensionality of the embedding vector.
+                 num_blocks=4,                    # Number of residual blocks per resolution.
+                 attn_resolutions=(16,),          # Resolutions with self-attention.
+                 dropout=0.10,                    # Dropout probability of intermediate activations.
+                 label_dropout=0,                 # Dropout probability of class labels (classifier-free guidance).
+                 embedding_type="positional",     # 'positional' (DDPM++) or 'fourier' (NCSN++).
+                 channel_mult_noise=1,            # Timestep embedding size: 1 for DDPM++, 2 for NCSN++.
+                 encoder_type="standard",         # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
+                 decoder_type="standard",         # 'standard' or 'skip'.
+                 resample_filter=(1, 1),          # [1,1] for DDPM++, [1,3,3,1] for NCSN++.
+                 use_step_condition=False,        # SFD-v: add the step-condition layers.
+                 ):
+        _check_choice("embedding_type", embedding_type, ("fourier", "positional"))
+        _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
+        _check_choice("decoder_type", decoder_type, ("standard", "skip"))
+        super().__init__()
+        self.label_dropout = label_dropout
+        self.use_step_condition = use_step_condition
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode="xavier_uniform")
+        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
+        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
+                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                            init=init, init_zero=init_zero, init_attn=init_attn, use_step_condition=use_step_condition)
+
+        def noise_embedding():
+            if embedding_type == "positional":
+                return PositionalEmbedding(num_channels=noise_channels, endpoint=True)
+            return FourierEmbedding(num_channels=noise_channels)
+
+        # Mapping.
+        self.map_noise = noise_embedding()
+        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        if use_step_condition:  # same embedding type as map_noise (paper's code)
+            self.map_step = noise_embedding()
+            self.map_step_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
+            self.map_step_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin = cout
+                cout = model_channels
+                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+                if encoder_type == "skip":
+                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True,
+                                                               resample_filter=resample_filter)
+                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
+                if encoder_type == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(in_channels=caux, out_channels=cout, kernel=3, down=True,
+                                                                   resample_filter=resample_filter, fused_resample=True, **init)
+                    caux = cout
+            for idx in range(num_blocks):
+                cin = cout
+                cout = model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
+        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin = cout + skips.pop()
+                cout = model_channels * mult
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
+            if decoder_type == "skip" or level == 0:
+                if decoder_type == "skip" and level < len(channel_mult) - 1:
+                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0,
+                                                             up=True, resample_filter=resample_filter)
+                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
+                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+
+    def embed_noise(self, noise_labels, class_labels=None, augment_labels=None):
+        emb = _swap_sin_cos(self.map_noise(noise_labels))
+        if self.map_label is not None:
+            labels = _dropped_labels(class_labels, self.label_dropout, self.training)
+            emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        return silu(self.map_layer1(silu(self.map_layer0(emb))))
+
+    def embed_step(self, step_condition):
+        """SFD-v: the step condition takes the same path as the noise label, through its own layers."""
+        emb_step = _swap_sin_cos(self.map_step(step_condition))
+        return silu(self.map_step_layer1(silu(self.map_step_layer0(emb_step))))
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None):
+        emb = self.embed_noise(noise_labels, class_labels, augment_labels)
+        emb_step = self.embed_step(step_condition) if self.use_step_condition and step_condition is not None else None
+
+        # Encoder.
+        skips = []
+        aux = x
+        for name, block in self.enc.items():
+            if "aux_down" in name:
+                aux = block(aux)
+            elif "aux_skip" in name:
+                x = skips[-1] = x + block(aux)
+            elif "aux_residual" in name:
+                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+            else:
+                x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+
+        # Decoder.
+        aux = None
+        tmp = None
+        for name, block in self.dec.items():
+            if "aux_up" in name:
+                aux = block(aux)
+            elif "aux_norm" in name:
+                tmp = block(x)
+            elif "aux_conv" in name:
+                tmp = block(silu(tmp))
+                aux = tmp if aux is None else tmp + aux
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb, emb_step)
+        return aux
+
+
+# ----------------------------------------------------------------------------
+# ADM (EDM's DhariwalUNet).
+
+
+class DhariwalUNet(RecordedModule):
+    def __init__(self,
+                 img_resolution,                  # Image resolution at input/output.
+                 in_channels,                     # Number of color channels at input.
+                 out_channels,                    # Number of color channels at output.
+                 label_dim=0,                     # Number of class labels, 0 = unconditional.
+                 augment_dim=0,                   # Augmentation label dimensionality, 0 = no augmentation.
+                 model_channels=192,              # Base multiplier for the number of channels.
+                 channel_mult=(1, 2, 3, 4),       # Per-resolution multipliers for the number of channels.
+                 channel_mult_emb=4,              # Multiplier for the dimensionality of the embedding vector.
+                 num_blocks=3,                    # Number of residual blocks per resolution.
+                 attn_resolutions=(32, 16, 8),    # Resolutions with self-attention.
+                 dropout=0.10,                    # Dropout probability of intermediate activations.
+                 label_dropout=0,                 # Dropout probability of class labels (classifier-free guidance).
+                 use_step_condition=False,        # SFD-v: add the step-condition layers.
+                 ):
+        super().__init__()
+        self.label_dropout = label_dropout
+        self.use_step_condition = use_step_condition
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero,
+                            use_step_condition=use_step_condition)
+
+        # Mapping.
+        self.map_noise = PositionalEmbedding(num_channels=model_channels)
+        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
+        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode="kaiming_normal",
+                                init_weight=np.sqrt(label_dim)) if label_dim else None
+        if use_step_condition:
+            self.map_step = PositionalEmbedding(num_channels=model_channels)
+            self.map_step_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
+            self.map_step_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                cin = cout
+                cout = model_channels * mult
+                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
+            else:
+                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
+            for idx in range(num_blocks):
+                cin = cout
+                cout = model_channels * mult
+                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
+        skips = [block.out_channels for block in self.enc.values()]
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
+            else:
+                self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin = cout + skips.pop()
+                cout = model_channels * mult
+                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
+                                                                attention=(res in attn_resolutions), **block_kwargs)
+        self.out_norm = GroupNorm(num_channels=cout)
+        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+
+    def embed_noise(self, noise_labels, class_labels=None, augment_labels=None):
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = self.map_layer1(silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(_dropped_labels(class_labels, self.label_dropout, self.training))
+        return silu(emb)
+
+    def embed_step(self, step_condition):
+        """SFD-v: the noise label's path without labels; ADM keeps [cos, sin] order, so no swap here."""
+        emb_step = silu(self.map_step_layer0(self.map_step(step_condition)))
+        return silu(self.map_step_layer1(emb_step))
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None):
+        emb = self.embed_noise(noise_labels, class_labels, augment_labels)
+        emb_step = self.embed_step(step_condition) if self.use_step_condition and step_condition is not None else None
+
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb, emb_step)
+        return self.out_conv(silu(self.out_norm(x)))
+
+
+def _check_choice(option, value, choices):
+    if value not in choices:
+        raise ValueError(f"{option}={value!r} is not supported: use one of {', '.join(choices)}")
+
+
+# model_type strings recorded in EDM checkpoints -> our classes.
+UNET_CLASSES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+
+def load_state_strict(net, tensors, source):
+    """Copy `tensors` (name -> tensor) into `net` by name; every key and every shape must match.
+
+    The one exception is SFD-v: when `tensors` has no step-layer key at all (a plain checkpoint) the
+    network's step layers keep their fresh initialisation (SPEC §5). Errors list the offending keys.
+    """
+    own = net.state_dict()
+    source_has_step_layers = any(is_step_layer_key(k) for k in tensors)
+    missing = [k for k in own if k not in tensors and (source_has_step_layers or not is_step_layer_key(k))]
+    unexpected = [k for k in tensors if k not in own]
+    not_tensors = [k for k in tensors if k in own and not isinstance(tensors[k], torch.Tensor)]
+    wrong_shape = [f"{k} {tuple(tensors[k].shape)} != {tuple(own[k].shape)}" for k in own
+                   if k in tensors and k not in not_tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("not a tensor", not_tensors),
+                        ("wrong shape (file != network)", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{source} does not match {type(net).__name__}({_short_kwargs(net)}): " + "; ".join(problems))
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value)
+
+
+def _short_kwargs(net):
+    kwargs = getattr(net, "_init_kwargs", None) or {}
+    keys = ("model_type", "img_resolution", "model_channels", "channel_mult", "label_dim", "use_step_condition")
+    return ", ".join(f"{k}={kwargs[k]!r}" for k in keys if k in kwargs)

@@ -1,0 +1,147 @@
+"""The one way to get a network: `load_network(dataset_name=..., model_path=...)`.
+
+    load_network('cifar10')                          EDM's checkpoint from the table, downloaded once
+    load_network(model_path='my-edm-net.pkl')        any EDM-format network pickle (architecture from the file)
+    load_network(model_path='exps/.../network-snapshot-000200.safetensors')   an SFD snapshot + its settings
+
+Nothing from a file is executed: EDM pickles go through torch_utils.persistence's restricted reader and
+snapshots are safetensors. The returned network is float32, in eval mode, without gradients, on `device`.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+import dnnlib
+from torch_utils import persistence
+
+from .edm import load_state_strict
+from .registry import get_backbone
+from .snapshot import NETWORK_CLASSES, load_snapshot
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Used for an EDM pickle given without a dataset_name (SPEC §6 / the paper's EDM range).
+DEFAULT_SIGMA_MIN = 0.006
+DEFAULT_SIGMA_MAX = 80.0
+
+
+@dataclass
+class LoadedNetwork:
+    net: torch.nn.Module
+    settings: dict          # snapshot: its stored settings; pre-trained: dataset_name, sigma range, model_source, ...
+    dataset_name: str       # None for a foreign pickle given without one
+    source: str             # 'snapshot', 'edm_pickle' (a model_path) or 'pretrained' (a table row)
+    path: str = None        # the file that was read
+
+
+def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_condition=False, cache_root="./src"):
+    """Load a denoiser (see the module docstring).
+
+    use_step_condition=True adds SFD-v's step layers, freshly initialised, to a checkpoint that has none;
+    everything else still loads strictly. A snapshot keeps its own step layers either way.
+    """
+    if dataset_name is None and model_path is None:
+        raise ValueError("load_network: give dataset_name (a table entry) or model_path (a .pkl or snapshot file)")
+    if model_path is None:
+        row = get_backbone(dataset_name)
+        path = _backbone_file(row, cache_root)
+        if _sniff(path) != "pickle":
+            raise ValueError(f"{path} (checkpoint for {dataset_name}) is not an EDM network pickle; delete it to download it again")
+        build = _FAMILY_BUILDERS.get(row.family)
+        if build is None:
+            raise ValueError(f"backbone family {row.family!r} of {dataset_name!r} has no builder in models.loader")
+        net, settings = build(row, path, use_step_condition)
+        return _finish(net, settings, dataset_name, "pretrained", path, device)
+
+    if not os.path.isfile(model_path):
+        raise ValueError(f"model_path {model_path!r} is not a file")
+    kind = _sniff(model_path)
+    if kind == "snapshot":
+        net, settings = load_snapshot(model_path)
+        if dataset_name is not None and settings.get("dataset_name") not in (None, dataset_name):
+            raise ValueError(f"{model_path} was trained for dataset_name={settings['dataset_name']!r}, not {dataset_name!r}")
+        if use_step_condition and not getattr(net, "use_step_condition", False):
+            net = _with_step_layers(net, model_path)
+            settings = dict(settings, use_step_condition=True)
+        return _finish(net, settings, settings.get("dataset_name", dataset_name), "snapshot", model_path, device)
+    if kind == "pickle":
+        record = _ema_record(model_path)
+        sigma_min, sigma_max = DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX
+        if dataset_name is not None:
+            row = get_backbone(dataset_name)
+            sigma_min, sigma_max = row.sigma_min, row.sigma_max
+        # A pickle of an SFD-v network keeps its step layers; a plain one gets fresh ones on request.
+        use_step_condition = bool(use_step_condition or (record.init_kwargs or {}).get("use_step_condition"))
+        overrides = dict(use_fp16=False, use_step_condition=use_step_condition)
+        if record.class_name == "EDMPrecond":
+            overrides.update(sigma_min=sigma_min, sigma_max=sigma_max)
+        with torch.random.fork_rng(devices=[]):  # fresh init must not shift the caller's RNG stream
+            net = persistence.build_from_record(record, **overrides)
+        settings = _pretrained_settings(dataset_name, sigma_min, sigma_max, use_step_condition, model_path)
+        return _finish(net, settings, dataset_name, "edm_pickle", model_path, device)
+    raise ValueError(f"{model_path} is neither an SFD snapshot (.safetensors) nor an EDM network pickle (.pkl)")
+
+
+def _build_edm(row, path, use_step_condition):
+    """An EDM checkpoint from the table: built from the row's keywords (as the paper does), loaded strictly."""
+    kwargs = dict(row.interface_kwargs(), use_step_condition=use_step_condition)
+    with torch.random.fork_rng(devices=[]):
+        net = NETWORK_CLASSES[row.network_class](**kwargs)
+    load_state_strict(net, persistence.record_tensors(_ema_record(path)), source=path)
+    return net, _pretrained_settings(row.dataset_name, row.sigma_min, row.sigma_max, use_step_condition, path)
+
+
+# Backbone family -> builder(row, path, use_step_condition) -> (net, settings). LDM / SD add theirs.
+_FAMILY_BUILDERS = {"edm": _build_edm}
+
+
+def register_family(family, builder):
+    _FAMILY_BUILDERS[family] = builder
+
+
+def _pretrained_settings(dataset_name, sigma_min, sigma_max, use_step_condition, path):
+    return dict(dataset_name=dataset_name, model_source="edm", model_path=os.path.abspath(path),
+                sigma_min=sigma_min, sigma_max=sigma_max, use_step_condition=bool(use_step_condition))
+
+
+def _backbone_file(row, cache_root):
+    if row.path is not None:
+        path = os.path.join(REPO_ROOT, row.path)
+        if not os.path.isfile(path):
+            raise ValueError(f"the checkpoint of {row.dataset_name!r} should ship with the code at {row.path}, but it is missing")
+        return path
+    # Raises dnnlib.DownloadError naming the file, the URL and the folder when offline.
+    return dnnlib.download_file(row.url, os.path.join(cache_root, row.dataset_name), file_name=row.file_name)
+
+
+def _sniff(path):
+    """'pickle', 'snapshot' or None, from the first bytes (extensions are not trusted)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:1] == b"\x80":  # pickle protocol >= 2
+        return "pickle"
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+        return "snapshot"
+    return None
+
+
+def _ema_record(path):
+    data = persistence.load_edm_pickle(path)
+    record = data.get("ema")
+    if not isinstance(record, persistence.PersistentRecord):
+        raise ValueError(f"{path} has no EDM network under 'ema' (keys: {', '.join(map(str, data))})")
+    return record
+
+
+def _with_step_layers(net, source):
+    with torch.random.fork_rng(devices=[]):
+        grown = type(net)(**dict(net.init_kwargs, use_step_condition=True))
+    load_state_strict(grown, net.state_dict(), source=source)
+    return grown
+
+
+def _finish(net, settings, dataset_name, source, path, device):
+    net = net.to(device).float().eval().requires_grad_(False)
+    return LoadedNetwork(net=net, settings=settings, dataset_name=dataset_name, source=source, path=os.path.abspath(path))

@@ -1,0 +1,78 @@
+"""The table of pre-trained backbones that `--dataset_name` selects (SPEC §6).
+
+One row per dataset: where its checkpoint comes from (a URL downloaded once into
+`./src/{dataset_name}/`, or a file shipped in this repository), what it generates, the noise range SFD
+uses with it, and the constructor keywords of its network. `models.loader.load_network` reads the row;
+adding a backbone is adding a row (and, for a new `family`, one builder in the loader).
+"""
+
+import copy
+from dataclasses import dataclass, field
+
+EDM_CDN = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    dataset_name: str
+    family: str                 # how the checkpoint is read: 'edm' = EDM-format network pickle
+    file_name: str              # name of the checkpoint file in the cache folder
+    resolution: int             # generated image (or latent) side length
+    channels: int
+    label_dim: int              # number of classes, 0 = unconditional
+    sigma_min: float            # noise range SFD's schedules use with this backbone
+    sigma_max: float
+    network_class: str = "EDMPrecond"
+    network_kwargs: dict = field(default_factory=dict)  # constructor keywords besides the interface ones
+    url: str = None             # download source, or None when `path` is given
+    path: str = None            # repo-relative file shipped with the code (used instead of a download)
+    description: str = ""
+
+    def __post_init__(self):
+        if (self.url is None) == (self.path is None):
+            raise ValueError(f"backbone {self.dataset_name!r}: give exactly one of url= and path=")
+
+    def interface_kwargs(self):
+        """Constructor keywords of the network class for this backbone (a fresh copy)."""
+        return dict(img_resolution=self.resolution, img_channels=self.channels, label_dim=self.label_dim,
+                    sigma_min=self.sigma_min, sigma_max=self.sigma_max, **copy.deepcopy(self.network_kwargs))
+
+
+# EDM's DDPM++ settings for its VP checkpoints (EDM train.py, --arch=ddpmpp); cifar10 and 64x64 differ
+# only in channel_mult and dropout. use_fp16 stays off: the paper builds its teachers in fp32.
+_DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+               channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, augment_dim=9, use_fp16=False)
+
+
+def _edm(dataset_name, file_name, resolution, label_dim, network_kwargs, description):
+    return Backbone(dataset_name=dataset_name, family="edm", file_name=file_name, url=f"{EDM_CDN}/{file_name}",
+                    resolution=resolution, channels=3, label_dim=label_dim, sigma_min=0.006, sigma_max=80.0,
+                    network_kwargs=network_kwargs, description=description)
+
+
+BACKBONES = {
+    row.dataset_name: row
+    for row in (
+        _edm("cifar10", "edm-cifar10-32x32-uncond-vp.pkl", 32, 0,
+             dict(_DDPMPP, channel_mult=[2, 2, 2], dropout=0.13), "EDM DDPM++ VP, CIFAR-10 32x32, unconditional"),
+        _edm("ffhq", "edm-ffhq-64x64-uncond-vp.pkl", 64, 0,
+             dict(_DDPMPP, channel_mult=[1, 2, 2, 2], dropout=0.05), "EDM DDPM++ VP, FFHQ 64x64, unconditional"),
+        _edm("afhqv2", "edm-afhqv2-64x64-uncond-vp.pkl", 64, 0,
+             dict(_DDPMPP, channel_mult=[1, 2, 2, 2], dropout=0.05), "EDM DDPM++ VP, AFHQv2 64x64, unconditional"),
+        _edm("imagenet64", "edm-imagenet-64x64-cond-adm.pkl", 64, 1000,
+             dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], dropout=0.10, use_fp16=False),
+             "EDM ADM, ImageNet 64x64, class-conditional"),
+    )
+}
+
+
+def register_backbone(row):
+    """Add (or replace) a table row; returns it."""
+    BACKBONES[row.dataset_name] = row
+    return row
+
+
+def get_backbone(dataset_name):
+    if dataset_name not in BACKBONES:
+        raise ValueError(f"unknown dataset_name {dataset_name!r}: use one of {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[dataset_name]

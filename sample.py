@@ -1,0 +1,321 @@
+"""Generate images with a distilled SFD model (or a pre-trained teacher and any solver of the library).
+
+Examples:
+
+\b
+# 50k images from the latest snapshot of experiment 0, 4 GPUs
+torchrun --standalone --nproc_per_node=4 sample.py --dataset_name=cifar10 --model_path=0 --seeds=0-49999 --batch=256
+
+\b
+# SFD-v: pick the number of time points (4..7)
+python sample.py --dataset_name=cifar10 --model_path=0 --seeds=0-49999 --batch=256 --num_steps=5
+
+\b
+# Baseline: the pre-trained teacher with DPM-Solver++(3M), 5 NFE with AFS
+python sample.py --dataset_name=cifar10 --solver=dpmpp --num_steps=7 --afs=True --seeds=0-49999
+
+\b
+# FID in-process, no PNGs written
+python sample.py --model_path=0 --seeds=0-9999 --fid_ref=path/to/ref.npz --no-save
+"""
+
+import concurrent.futures
+import glob
+import os
+import re
+import sys
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+import solvers
+from torch_utils import distributed as dist
+
+SOLVER_OPTION_NAMES = ("max_order", "predict_x0", "lower_order_final")
+
+
+def parse_int_list(text):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]."""
+    if isinstance(text, list):
+        return text
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise click.BadParameter(f"range {part!r} runs backwards", param_hint="--seeds")
+            values.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"\d+", part):
+            values.append(int(part))
+        else:
+            raise click.BadParameter(f"{part!r} is not a number or a range like 0-99", param_hint="--seeds")
+    if not values:
+        raise click.BadParameter("no seeds given", param_hint="--seeds")
+    return values
+
+
+class SeedGenerators:
+    """One torch.Generator per image, seeded by the image's seed: image k never depends on batching."""
+
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def randn(self, size, device):
+        return torch.stack([torch.randn(size[1:], generator=g, device=device) for g in self.generators])
+
+    def randint(self, high, device):
+        return torch.stack([torch.randint(high, size=[], generator=g, device=device) for g in self.generators])
+
+
+def latest_snapshot(exp_number, exps_dir="./exps"):
+    """Latest `network-snapshot-*.safetensors` of the experiment folder `exps_dir/NNNNN-*`."""
+    prefix = f"{int(exp_number):05d}-"
+    folders = sorted(glob.glob(os.path.join(exps_dir, prefix + "*")))
+    if not folders:
+        raise click.BadParameter(f"no experiment folder {exps_dir}/{prefix}*", param_hint="--model_path")
+    snapshots = glob.glob(os.path.join(folders[0], "network-snapshot-*.safetensors"))
+    if not snapshots:
+        raise click.BadParameter(f"{folders[0]} holds no network snapshot yet", param_hint="--model_path")
+    return max(snapshots, key=lambda p: int(re.search(r"network-snapshot-(\d+)", p).group(1)))
+
+
+def to_uint8(images):
+    """[-1, 1] float NCHW -> uint8 NCHW, rounding as EDM's and the paper's scripts do."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def save_png(array_hwc, path):
+    """Atomic PNG write: a crash never leaves a truncated image behind."""
+    mode = "L" if array_hwc.shape[2] == 1 else "RGB"
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    PIL.Image.fromarray(array_hwc[:, :, 0] if mode == "L" else array_hwc, mode).save(tmp)
+    os.replace(tmp, path)
+
+
+def image_grid(images_uint8):
+    """[N, C, H, W] uint8 -> one HWC grid about as wide as tall."""
+    n, c, h, w = images_uint8.shape
+    cols = max(1, int(np.ceil(np.sqrt(n))))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros([rows * h, cols * w, c], dtype=np.uint8)
+    arr = images_uint8.permute(0, 2, 3, 1).cpu().numpy()
+    for k in range(n):
+        r, q = divmod(k, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = arr[k]
+    return grid
+
+
+def resolve_sampling(loaded, opts):
+    """Settings for this run: from the snapshot for distilled models, from the options for pre-trained ones."""
+    st = loaded.settings
+    distilled = "num_steps" in st and "afs" in st and "schedule_type" in st
+    if distilled:
+        given = [n for n in ("solver", "afs", "schedule_type", "schedule_rho") if opts[n] is not None]
+        if given:
+            raise click.BadParameter(f"a distilled snapshot carries its own sampling settings; drop --{given[0]}",
+                                     param_hint=f"--{given[0]}")
+        num_steps = st["num_steps"]
+        step_condition = None
+        if st.get("use_step_condition") and not st.get("is_second_stage"):
+            lo, hi = st.get("step_condition_range", (4, 7))
+            num_steps = opts.num_steps if opts.num_steps is not None else num_steps
+            if not lo <= num_steps <= hi:
+                raise click.BadParameter(f"this SFD-v model was trained for num_steps {lo}..{hi}, got {num_steps}",
+                                         param_hint="--num_steps")
+            step_condition = num_steps
+        elif st.get("use_step_condition"):
+            step_condition = num_steps
+            if opts.num_steps is not None and opts.num_steps != num_steps:
+                raise click.BadParameter(f"this second-stage model samples only at num_steps={num_steps}",
+                                         param_hint="--num_steps")
+        elif opts.num_steps is not None and opts.num_steps != num_steps:
+            raise click.BadParameter(f"--num_steps is only honoured for SFD-v models; this model was distilled for "
+                                     f"num_steps={num_steps}", param_hint="--num_steps")
+        return dnnlib.EasyDict(
+            solver="euler", num_steps=num_steps, afs=bool(st["afs"]), schedule_type=st["schedule_type"],
+            schedule_rho=st["schedule_rho"], sigma_min=st["sigma_min"], sigma_max=st["sigma_max"],
+            step_condition=step_condition, options={}, guidance_rate=st.get("guidance_rate"))
+    solver = opts.solver or "euler"
+    options = {k: opts[k] for k in SOLVER_OPTION_NAMES if opts[k] is not None}
+    if solver != "dpmpp":
+        options.pop("predict_x0", None)
+        options.pop("lower_order_final", None)
+    if solver not in ("dpmpp", "ipndm"):
+        options.pop("max_order", None)
+    return dnnlib.EasyDict(
+        solver=solver, num_steps=opts.num_steps or 18, afs=bool(opts.afs), schedule_type=opts.schedule_type or
+        "polynomial", schedule_rho=opts.schedule_rho if opts.schedule_rho is not None else 7.0,
+        sigma_min=opts.sigma_min if opts.sigma_min is not None else st["sigma_min"],
+        sigma_max=opts.sigma_max if opts.sigma_max is not None else st["sigma_max"],
+        step_condition=None, options=options, guidance_rate=None)
+
+
+def generate(net, cfg, seeds, device, prompts=None):
+    """Images in [-1, 1] (decoded if the backbone works in a latent space) for one batch of seeds."""
+    rnd = SeedGenerators(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    class_labels = None
+    if getattr(net, "label_dim", 0):
+        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, device=device)]
+    condition = unconditional = None
+    if prompts is not None and hasattr(net, "encode_prompts"):
+        condition, unconditional = net.encode_prompts(prompts)
+    x = solvers.SOLVERS[cfg.solver](
+        net, latents, class_labels=class_labels, condition=condition, unconditional_condition=unconditional,
+        num_steps=cfg.num_steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, schedule_type=cfg.schedule_type,
+        schedule_rho=cfg.schedule_rho, afs=cfg.afs, step_condition=cfg.step_condition, **cfg.options)
+    if hasattr(net, "decode_latents"):
+        x = net.decode_latents(x)
+    return x
+
+
+def _optional_bool(name, text, default=None):
+    return click.option(name, help=text, type=bool, is_flag=False, flag_value=True, default=default,
+                        metavar="[BOOL]")
+
+
+@click.command(help=__doc__)
+@click.option("--dataset_name", help="Backbone name; checked against the snapshot's", metavar="STR", type=str)
+@click.option("--model_path", help="Snapshot path, experiment number (latest snapshot of exps/NNNNN-*), or an "
+              "EDM-format .pkl; omitted: the pre-trained model of --dataset_name", metavar="N|PATH", type=str)
+@click.option("--exps_dir", help="Where experiment numbers are looked up", metavar="DIR", default="./exps",
+              show_default=True)
+@click.option("--seeds", help="Seeds, e.g. 0-49999 or 1,2,5-10 (one image per seed)", metavar="LIST",
+              type=parse_int_list, default="0-63", show_default=True)
+@click.option("--batch", "max_batch_size", help="Maximum batch per process", metavar="INT",
+              type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--num_steps", help="Time points; only for SFD-v models and pre-trained sampling  [default: the "
+              "snapshot's / 18]", metavar="INT", type=click.IntRange(min=2), default=None)
+@click.option("--outdir", help="Output folder  [default: ./samples/{dataset}/{solver}_step{N}_nfe{nfe}]",
+              metavar="DIR", type=str)
+@_optional_bool("--grid", "Write one grid.png of all images instead of one PNG per seed  [default: False]", False)
+@_optional_bool("--subdirs", "One sub-folder per 1000 seeds  [default: True]", True)
+@click.option("--save/--no-save", "save_images", help="Write images (turn off with --fid_ref for FID only)",
+              default=True, show_default=True)
+@click.option("--prompt", help="Stable Diffusion: one prompt for every seed  [default: caption of row=seed]",
+              metavar="STR", type=str)
+@click.option("--solver", help="Pre-trained models only: solver", type=click.Choice(sorted(solvers.SOLVERS)))
+@_optional_bool("--afs", "Pre-trained models only: analytical first step  [default: False]")
+@click.option("--max_order", help="Pre-trained models only: multistep order", metavar="INT", type=int)
+@_optional_bool("--predict_x0", "Pre-trained models only: DPM-Solver++ data prediction")
+@_optional_bool("--lower_order_final", "Pre-trained models only: DPM-Solver++ lower final orders")
+@click.option("--schedule_type", help="Pre-trained models only: time schedule",
+              type=click.Choice(["polynomial", "logsnr", "time_uniform", "discrete"]))
+@click.option("--schedule_rho", help="Pre-trained models only: schedule exponent", metavar="FLOAT", type=float)
+@click.option("--sigma_min", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
+@click.option("--sigma_max", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
+@click.option("--fid_ref", help="Compute FID in-process against these statistics (NPZ or URL)", metavar="NPZ")
+@click.option("--detector", help="Feature network for --fid_ref  [default: NVIDIA Inception-v3]", metavar="PATH")
+@click.option("--device", help="Device  [default: cuda if available]", metavar="STR", type=str)
+def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
+    opts = dnnlib.EasyDict(opts)
+    device = dist.init(opts.device)
+    from models import load_network
+
+    model_path = opts.model_path
+    if model_path is not None and re.fullmatch(r"\d+", model_path):
+        model_path = latest_snapshot(model_path, opts.exps_dir)
+    if model_path is None and opts.dataset_name is None:
+        raise click.BadParameter("give --model_path or --dataset_name", param_hint="--model_path")
+    if model_path is not None and not os.path.isfile(model_path):
+        raise click.BadParameter(f"no such file: {model_path}", param_hint="--model_path")
+    if not save_images and not opts.fid_ref:
+        raise click.BadParameter("--no-save without --fid_ref would produce nothing", param_hint="--save")
+
+    try:
+        if dist.get_rank() != 0:
+            dist.barrier()
+        loaded = load_network(dataset_name=None if model_path else opts.dataset_name, model_path=model_path,
+                              device=device)
+        if dist.get_rank() == 0:
+            dist.barrier()
+    except (ValueError, dnnlib.DownloadError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    if opts.dataset_name and loaded.dataset_name and opts.dataset_name != loaded.dataset_name:
+        raise click.BadParameter(f"the model was built for {loaded.dataset_name!r}, not {opts.dataset_name!r}",
+                                 param_hint="--dataset_name")
+    net = loaded.net
+    cfg = resolve_sampling(loaded, opts)
+    if cfg.guidance_rate is not None and hasattr(net, "guidance_rate"):
+        net.guidance_rate = cfg.guidance_rate
+    nfe = solvers.nfe_of(cfg.solver, cfg.num_steps, cfg.afs, **cfg.options)
+    if getattr(net, "guidance_type", None) == "cfg" and getattr(net, "guidance_rate", 1.0) != 1.0:
+        nfe *= 2
+    name = loaded.dataset_name or "model"
+    if outdir is None:
+        outdir = os.path.join("./samples", name, f"{cfg.solver}_step{cfg.num_steps}_nfe{nfe}")
+    dist.print0(f"Model: {model_path or name} | solver {cfg.solver}, num_steps {cfg.num_steps}, NFE {nfe}, "
+                f"afs {cfg.afs}, schedule {cfg.schedule_type}")
+
+    fid = None
+    if opts.fid_ref:
+        from metrics.detectors import load_detector
+        from metrics.frechet import StreamingFID, load_ref
+
+        mu, sigma = load_ref(opts.fid_ref)
+        fid = StreamingFID(load_detector(opts.detector, device=device), mu, sigma, device=device)
+
+    # Shard seeds: contiguous batches dealt round-robin to ranks (every rank gets the same number of batches).
+    world, rank = dist.get_world_size(), dist.get_rank()
+    num_batches = ((len(seeds) - 1) // (max_batch_size * world) + 1) * world
+    rank_batches = torch.as_tensor(seeds).tensor_split(num_batches)[rank::world]
+
+    captions = None
+    if hasattr(net, "captions_for_seeds"):
+        captions = net.captions_for_seeds
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4) if (save_images and not grid) else None
+    pending, grid_parts = [], []
+    from tqdm import tqdm
+
+    for batch_seeds in tqdm(rank_batches, unit="batch", disable=(rank != 0)):
+        batch_seeds = batch_seeds.tolist()
+        if not batch_seeds:
+            continue
+        prompts = None
+        if captions is not None or opts.prompt is not None:
+            prompts = [opts.prompt] * len(batch_seeds) if opts.prompt is not None else captions(batch_seeds)
+        with torch.no_grad():
+            images = to_uint8(generate(net, cfg, batch_seeds, device, prompts=prompts))
+        if fid is not None:
+            fid.add_images(images)
+        if not save_images:
+            continue
+        if grid:
+            grid_parts.append((batch_seeds, images.cpu()))
+            continue
+        arrays = images.permute(0, 2, 3, 1).cpu().numpy()
+        for seed, arr in zip(batch_seeds, arrays):
+            folder = os.path.join(outdir, f"{seed - seed % 1000:06d}") if subdirs else outdir
+            os.makedirs(folder, exist_ok=True)
+            pending.append(pool.submit(save_png, arr, os.path.join(folder, f"{seed:06d}.png")))
+    for p in pending:
+        p.result()
+    if pool is not None:
+        pool.shutdown()
+
+    if grid and save_images:
+        parts = [grid_parts]
+        if dist.is_distributed():
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, grid_parts)
+        if rank == 0:
+            by_seed = sorted(((s, img) for part in parts for seeds_, imgs in part for s, img in zip(seeds_, imgs)),
+                             key=lambda t: t[0])
+            os.makedirs(outdir, exist_ok=True)
+            save_png(image_grid(torch.stack([img for _, img in by_seed])), os.path.join(outdir, "grid.png"))
+    if fid is not None:
+        value = fid.compute()
+        dist.print0(f"FID: {value:g}")
+    dist.barrier()
+    dist.print0(f"Done: {len(seeds)} images" + (f" in {outdir}" if save_images else ""))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

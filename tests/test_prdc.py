@@ -1,0 +1,122 @@
+"""PRDC: precision, recall, density, coverage on constructed features, and prdc.py end to end."""
+
+import re
+
+import numpy as np
+import pytest
+import scipy.spatial.distance
+import torch
+from click.testing import CliRunner
+
+import prdc  # the CLI in the repository root
+from metrics.prdc import compute_prdc, knn_sq_radii
+from test_fid import random_images, save_detector, write_pngs  # tests/ is on sys.path under pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
+
+
+def brute_force_prdc(real, fake, k):
+    """Reference: full distance matrices with scipy, the definitions of Naeem et al. read literally."""
+    d_rr = scipy.spatial.distance.cdist(real, real)
+    d_ff = scipy.spatial.distance.cdist(fake, fake)
+    d_fr = scipy.spatial.distance.cdist(fake, real)
+    r_real = np.sort(d_rr, axis=1)[:, k]  # column 0 is the point itself
+    r_fake = np.sort(d_ff, axis=1)[:, k]
+    inside = d_fr <= r_real[None, :]
+    return dict(
+        precision=inside.any(1).mean(),
+        recall=(d_fr <= r_fake[:, None]).any(0).mean(),
+        density=inside.sum() / (k * len(fake)),
+        coverage=(d_fr.min(0) <= r_real).mean(),
+    )
+
+
+def test_identical_sets_are_fully_precise_recalled_and_covered():
+    x = np.random.RandomState(0).randn(200, 16)
+    s = compute_prdc(x, x.copy(), nearest_k=5)
+    assert s["precision"] == 1.0 and s["recall"] == 1.0 and s["coverage"] == 1.0
+    assert s["density"] > 0.5
+
+
+def test_far_disjoint_sets_score_zero():
+    rng = np.random.RandomState(1)
+    real = rng.randn(100, 8)
+    fake = rng.randn(120, 8) + 100.0
+    s = compute_prdc(real, fake, nearest_k=3)
+    assert s == dict(precision=0.0, recall=0.0, density=0.0, coverage=0.0)
+
+
+def test_hand_checked_one_dimensional_case():
+    # k = 1. Real {0, 1, 2, 4}: radii 1, 1, 1, 2. Fake {0.4, 0.6, 3.5, 9}: radii 0.2, 0.2, 2.9, 5.5.
+    # precision: 0.4 (ball of 0), 0.6 (ball of 1), 3.5 (ball of 4, d=0.5 <= 2) inside; 9 not -> 3/4.
+    # recall: real 0 is in no fake ball (0.4 > 0.2, 0.6 > 0.2, 3.5 > 2.9, 9 > 5.5); 1 and 2 are in
+    #         the ball of 3.5 (2.5, 1.5 <= 2.9); 4 too -> 3/4.
+    # density: 0.4 lies in the balls of 0 and 1, 0.6 too, 3.5 in that of 4 only, 9 in none -> 5/(1*4).
+    # coverage: nearest fakes of 0, 1, 4 are within 1, 1, 2 (0.4, 0.4, 0.5); of 2 it is 1.4 > 1 -> 3/4.
+    real = np.array([[0.0], [1.0], [2.0], [4.0]])
+    fake = np.array([[0.4], [0.6], [3.5], [9.0]])
+    expected = dict(precision=0.75, recall=0.75, density=1.25, coverage=0.75)
+    for block_rows in (None, 1, 3):
+        s = compute_prdc(real, fake, nearest_k=1, block_rows=block_rows)
+        assert s == pytest.approx(expected, abs=1e-12), block_rows
+
+
+def test_matches_brute_force_reference_in_blocks():
+    rng = np.random.RandomState(2)
+    real = rng.randn(150, 10)
+    fake = rng.randn(130, 10) * 1.3 + 0.3
+    expected = brute_force_prdc(real, fake, k=5)
+    for block_rows in (None, 7, 64):
+        assert compute_prdc(real, fake, nearest_k=5, block_rows=block_rows) == pytest.approx(expected, abs=1e-12)
+
+
+def test_knn_radius_counts_duplicates_and_validates_k():
+    x = np.array([[0.0], [0.0], [3.0]])
+    np.testing.assert_allclose(knn_sq_radii(torch.tensor(x), 1).numpy(), [0.0, 0.0, 9.0])
+    with pytest.raises(ValueError, match="nearest_k"):
+        compute_prdc(np.zeros([3, 2]), np.ones([4, 2]), nearest_k=3)
+    with pytest.raises(ValueError, match="features must be"):
+        compute_prdc(np.zeros([5, 2]), np.ones([5, 3]), nearest_k=2)
+
+
+def _scores(output):
+    return {k: float(v) for k, v in re.findall(r"(precision|recall|density|coverage): (\S+)", output)}
+
+
+def test_cli_same_and_different_folders(tmp_path):
+    det = save_detector(tmp_path / "tiny.pt")
+    a = write_pngs(tmp_path / "a", random_images(30, seed=1))
+    far = write_pngs(tmp_path / "far", random_images(30, seed=2, lo=250, hi=256))
+    common = ["--detector", det, "--workers", "0", "--nearest_k", "3"]
+    r = CliRunner().invoke(prdc.main, ["calc", "--images", a, "--images_ref", a] + common)
+    assert r.exit_code == 0, r.output
+    s = _scores(r.output)
+    assert s["precision"] == 1.0 and s["recall"] == 1.0 and s["coverage"] == 1.0
+    r = CliRunner().invoke(prdc.main, ["calc", "--images", far, "--images_ref", a, "--num", "20"] + common)
+    assert r.exit_code == 0, r.output
+    s = _scores(r.output)
+    assert s == dict(precision=0.0, recall=0.0, density=0.0, coverage=0.0)
+    r = CliRunner().invoke(prdc.main, ["calc", "--images", a, "--images_ref", a, "--nearest_k", "30",
+                                       "--detector", det, "--workers", "0"])
+    assert r.exit_code == 2 and "--nearest_k" in r.output
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    det = save_detector(tmp_path / "tiny.pt")
+    a = write_pngs(tmp_path / "a", random_images(25, seed=3))  # odd counts: ranks hold 13 and 12
+    b = write_pngs(tmp_path / "b", random_images(23, seed=4, lo=30))
+    args = ["calc", "--images", b, "--images_ref", a, "--detector", det, "--workers", "0", "--batch", "4"]
+    single = CliRunner().invoke(prdc.main, args)
+    assert single.exit_code == 0, single.output
+    env = dict(os.environ, SFD_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(root, "prdc.py")] + args
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("precision:") == 1
+    assert _scores(p.stdout) == _scores(single.output) and len(_scores(single.output)) == 4

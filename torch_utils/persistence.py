@@ -1,0 +1,312 @@
+"""Reading and writing EDM-format network pickles without ever running code from the file.
+
+EDM (`NVlabs/edm`, torch_utils/persistence.py, format version 6) pickles every network class together with
+the source text of its module: each such object is reduced to
+
+    torch_utils.persistence._reconstruct_persistent_obj(
+        {'type': 'class', 'version': 6, 'module_src': <source>, 'class_name': <name>,
+         'state': <the object's __dict__, including _init_args and _init_kwargs>})
+
+and EDM's reader `exec`s that source. Ours does not: a restricted unpickler accepts only the globals such
+files need (tensor/storage rebuild functions, OrderedDict, numpy scalars, torch.nn containers, EasyDict)
+and turns every persistent object into an inert `PersistentRecord`. `build_from_record` then builds OUR
+class with the recorded constructor keywords and copies the recorded tensors in by name, strictly.
+
+`save_edm_pickle` writes the same format from our modules (tests, and shipping a built-in teacher).
+"""
+
+import _compat_pickle
+import codecs
+import collections
+import copy
+import copyreg
+import importlib
+import inspect
+import io
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+import dnnlib
+
+FORMAT_VERSION = 6  # EDM's `_version`
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """The pickle asked for a global that an EDM network pickle never needs."""
+
+
+@dataclass
+class PersistentRecord:
+    """One persistent object of an EDM pickle, kept as data: nothing of `module_src` is executed."""
+
+    class_name: str
+    module_src: str
+    init_args: tuple = ()
+    init_kwargs: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)  # the object's __dict__ without _init_args/_init_kwargs
+
+
+class ObjectRecord:
+    """An instance of an allowed plain class (e.g. torch.nn.ModuleDict), kept as (class_name, state)."""
+
+    class_name = None  # set on the per-class subclasses made by `_object_record_class`
+
+    def __init__(self, state=None):
+        self.state = state if state is not None else {}
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        self.state = state if isinstance(state, dict) else {"state": state}
+
+    def __repr__(self):
+        return f"ObjectRecord({self.class_name})"
+
+
+def _reconstruct_persistent_obj(meta):
+    """The callable EDM pickles name for their persistent objects; here it only builds a record.
+
+    It keeps this exact name and module so that a pickle written by `save_edm_pickle` refers to it, and
+    so that even an unrestricted `pickle.load` inside this repository never executes `module_src`.
+    """
+    if not isinstance(meta, dict) or meta.get("type") != "class":
+        raise pickle.UnpicklingError("malformed EDM persistent object: expected a dict with type='class'")
+    if meta.get("version") != FORMAT_VERSION:
+        raise pickle.UnpicklingError(f"EDM persistence version {meta.get('version')!r} is not supported (expected {FORMAT_VERSION})")
+    class_name, module_src = meta.get("class_name"), meta.get("module_src")
+    if not isinstance(class_name, str) or not isinstance(module_src, str):
+        raise pickle.UnpicklingError("malformed EDM persistent object: class_name and module_src must be strings")
+    state = dict(meta.get("state") or {})
+    init_args = state.pop("_init_args", None)
+    init_kwargs = state.pop("_init_kwargs", None)
+    return PersistentRecord(class_name=class_name, module_src=module_src,
+                            init_args=tuple(init_args) if init_args is not None else None,
+                            init_kwargs=dict(init_kwargs) if init_kwargs is not None else None, state=state)
+
+
+# ----------------------------------------------------------------------------
+# Restricted reading.
+
+# Plain classes whose instances appear inside EDM network state; they are recorded, never instantiated.
+_RECORDED_CLASSES = {
+    f"torch.nn.modules.container.{name}" for name in ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")
+}
+_record_classes = {}
+
+
+def _object_record_class(qualified_name):
+    if qualified_name not in _record_classes:
+        short = qualified_name.rsplit(".", 1)[-1]
+        _record_classes[qualified_name] = type(f"{short}Record", (ObjectRecord,), {"class_name": qualified_name})
+    return _record_classes[qualified_name]
+
+
+def _load_storage_bytes(data):
+    # Plain-pickled torch storages carry a small torch.save stream; read it with torch's own safe loader.
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafePickleError("torch storage payload must be bytes")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _copyreg_reconstructor(cls, base, base_state):
+    # Protocol 0/1 spelling of "make an instance of cls" (its state follows separately); only our
+    # inert record classes may be made.
+    if not (isinstance(cls, type) and issubclass(cls, ObjectRecord)) or base is not object or base_state is not None:
+        raise UnsafePickleError(f"copyreg._reconstructor for {cls!r} is not allowed")
+    return cls()
+
+
+def _allowed_globals():
+    import numpy as np
+
+    allowed = {
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+        ("dnnlib.util", "EasyDict"): dnnlib.EasyDict,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "object"): object,
+        ("copyreg", "_reconstructor"): _copyreg_reconstructor,
+        ("_codecs", "encode"): codecs.encode,  # protocol-2 spelling of bytes
+        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
+        ("torch", "Size"): torch.Size,
+        ("torch", "Tensor"): torch.Tensor,
+        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): np.ndarray,
+    }
+    for module, name in (("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2")):
+        if hasattr(sys.modules[module], name):  # present in the torch versions that write them
+            allowed[(module, name)] = getattr(sys.modules[module], name)
+    # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core; both resolve to the installed numpy.
+    multiarray = np.core.multiarray if not hasattr(np, "_core") else np._core.multiarray
+    numeric = np.core.numeric if not hasattr(np, "_core") else np._core.numeric
+    for prefix in ("numpy.core", "numpy._core"):
+        allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file):
+        super().__init__(file)
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module, name):
+        # Protocols 0-2 spell some modules the Python 2 way (__builtin__, copy_reg); map them as pickle does.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        if (module, name) in self._allowed:
+            return self._allowed[(module, name)]
+        if f"{module}.{name}" in _RECORDED_CLASSES:
+            return _object_record_class(f"{module}.{name}")
+        raise UnsafePickleError(f"refused to load global '{module}.{name}': EDM network pickles never need it "
+                                f"(the file may be malicious or not an EDM network pickle)")
+
+    def persistent_load(self, pid):
+        raise UnsafePickleError("refused persistent id: EDM network pickles have none")
+
+
+def load_edm_pickle(file_or_path):
+    """Read an EDM-format pickle as data: {'ema': PersistentRecord, ...}. No code from the file runs.
+
+    Raises UnsafePickleError for a global outside the allow-list and ValueError for a file that is
+    not a readable pickle of a dict.
+    """
+    if isinstance(file_or_path, (str, os.PathLike)):
+        with open(file_or_path, "rb") as f:
+            return load_edm_pickle(f)
+    name = getattr(file_or_path, "name", "<stream>")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's TypedStorage deprecation notice
+            data = _RestrictedUnpickler(file_or_path).load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read {name} as an EDM network pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}: expected a pickled dict such as {{'ema': network, ...}}, found {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------
+# Records -> our modules.
+
+
+def record_tensors(record, prefix=""):
+    """The state_dict (name -> tensor) recorded in a module record, walking `_modules` like torch does."""
+    state = record.state
+    skip = set(state.get("_non_persistent_buffers_set") or ())
+    tensors = {}
+    for name, value in (state.get("_parameters") or {}).items():
+        if value is not None:
+            tensors[prefix + name] = value
+    for name, value in (state.get("_buffers") or {}).items():
+        if value is not None and name not in skip:
+            tensors[prefix + name] = value
+    for name, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, (PersistentRecord, ObjectRecord)):
+            raise ValueError(f"submodule '{prefix + name}' of the pickle is a {type(child).__name__}, not a module record")
+        tensors.update(record_tensors(child, prefix + name + "."))
+    return tensors
+
+
+def build_from_record(record, **overrides):
+    """Build our network for an EDM record (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond).
+
+    The recorded constructor keywords are used, updated by `overrides` (e.g. use_step_condition=True,
+    use_fp16=False); then every recorded tensor is copied in by name and shape (see
+    `models.edm.load_state_strict`; SFD-v step layers absent from the record stay freshly initialised).
+    """
+    from models.edm import load_state_strict
+    from models.precond import EDM_PRECOND_CLASSES
+
+    if not isinstance(record, PersistentRecord):
+        raise ValueError(f"expected a PersistentRecord of a network, got {type(record).__name__}")
+    cls = EDM_PRECOND_CLASSES.get(record.class_name)
+    if cls is None:
+        raise ValueError(f"the pickle holds a '{record.class_name}' network; supported: {', '.join(EDM_PRECOND_CLASSES)}")
+    if record.init_kwargs is None or record.init_args is None:
+        raise ValueError(f"the pickled '{record.class_name}' did not record its constructor arguments; cannot rebuild it")
+    kwargs = {**record.init_kwargs, **overrides}
+    try:
+        net = cls(*record.init_args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"cannot build {record.class_name} from the pickle's constructor arguments: {e}") from None
+    load_state_strict(net, record_tensors(record), source=f"pickled {record.class_name}")
+    return net
+
+
+# ----------------------------------------------------------------------------
+# Writing EDM-format pickles from our modules.
+
+_source_cache = {}
+
+
+def _module_source(cls):
+    module = sys.modules[cls.__module__]
+    if module not in _source_cache:
+        _source_cache[module] = inspect.getsource(module)
+    return _source_cache[module]
+
+
+def _is_persistent_module(obj):
+    # Our RecordedModule instances carry `_init_kwargs`, the field EDM's persistent classes record.
+    return isinstance(obj, torch.nn.Module) and "_init_kwargs" in obj.__dict__
+
+
+class _EDMPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if isinstance(obj, PersistentRecord):
+            state = dict(obj.state)
+            if obj.init_args is not None:
+                state["_init_args"] = tuple(obj.init_args)
+            if obj.init_kwargs is not None:
+                state["_init_kwargs"] = dict(obj.init_kwargs)
+            return _reconstruct_persistent_obj, (_meta(obj.class_name, obj.module_src, state),)
+        if _is_persistent_module(obj):
+            state = dict(obj.__dict__)
+            state["_init_args"] = ()
+            return _reconstruct_persistent_obj, (_meta(type(obj).__name__, _module_source(type(obj)), state),)
+        if isinstance(obj, ObjectRecord):
+            module_name, _, name = obj.class_name.rpartition(".")
+            cls = getattr(importlib.import_module(module_name), name)
+            return copyreg._reconstructor, (cls, object, None), obj.state
+        return NotImplemented
+
+
+def _meta(class_name, module_src, state):
+    return dict(type="class", version=FORMAT_VERSION, module_src=module_src, class_name=class_name, state=state)
+
+
+def save_edm_pickle(path, data):
+    """Write `data` (e.g. {'ema': net, 'loss_fn': ..., 'augment_pipe': ..., 'dataset_kwargs': {...}}) as an
+    EDM-format pickle. Our modules and PersistentRecords become persistent objects; module values are
+    written like EDM's training snapshots: a CPU copy in eval mode without gradients."""
+    if not isinstance(data, dict):
+        raise ValueError("save_edm_pickle: data must be a dict such as {'ema': net}")
+    data = {key: copy.deepcopy(value).cpu().eval().requires_grad_(False) if isinstance(value, torch.nn.Module) else value
+            for key, value in data.items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _EDMPickler(f, protocol=4).dump(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,218 @@
+"""Distil a pre-trained diffusion model with SFD (Simple and Fast Distillation).
+
+Examples:
+
+\b
+# 2-NFE SFD on CIFAR-10 (EDM teacher), 4 GPUs
+torchrun --standalone --nproc_per_node=4 train.py --dataset_name=cifar10 --total_kimg=200 --batch=128 \\
+    --lr=5e-5 --num_steps=4 --M=3 --afs=True --sampler_tea=dpmpp --max_order=3 --predict_x0=True \\
+    --lower_order_final=True --schedule_type=polynomial --schedule_rho=7 --use_step_condition=False \\
+    --is_second_stage=False
+
+\b
+# SFD-v: one model for num_steps 4..7 (NFE 2..5 with AFS)
+python train.py --dataset_name=cifar10 --use_step_condition=True
+
+\b
+# Second stage: 1 NFE from a first-stage snapshot
+python train.py --dataset_name=cifar10 --is_second_stage=True --model_path=exps/00000-.../network-snapshot-000200.safetensors \\
+    --num_steps=3 --M=2 --afs=True --lr=5e-4 --total_kimg=2000
+"""
+
+import json
+import os
+import re
+import sys
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+
+SOLVER_NAMES = ["dpm", "dpmpp", "euler", "ipndm", "heun"]
+SCHEDULES = ["polynomial", "logsnr", "time_uniform", "discrete"]
+MAX_ORDER = {"ipndm": (1, 4), "dpmpp": (1, 3)}
+
+
+def _dataset_names():
+    from models import BACKBONES
+
+    return sorted(BACKBONES)
+
+
+def schedule_tag(schedule_type, schedule_rho):
+    """The schedule part of an experiment folder name, as the paper's code writes it."""
+    return {"polynomial": f"poly{schedule_rho}", "logsnr": "logsnr", "time_uniform": f"uni{schedule_rho}",
+            "discrete": f"discrete{schedule_rho}"}[schedule_type]
+
+
+def distilled_nfe(num_steps, afs, guidance_type=None):
+    nfe = num_steps - 2 if afs else num_steps - 1
+    return 2 * nfe if guidance_type == "cfg" else nfe
+
+
+def next_run_dir(outdir, desc):
+    """`outdir/NNNNN-desc` with the next free five-digit number."""
+    ids = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            m = re.match(r"^(\d+)", name)
+            if m and os.path.isdir(os.path.join(outdir, name)):
+                ids.append(int(m.group(1)))
+    return os.path.join(outdir, f"{max(ids, default=-1) + 1:05d}-{desc}")
+
+
+def check_options(opts, world_size):
+    """Raise click.BadParameter for contradictory or out-of-range options (one line each)."""
+    if opts.num_steps < 2:
+        raise click.BadParameter("needs at least 2 time points (1 step)", param_hint="--num_steps")
+    if opts.afs and opts.num_steps < 3 and not opts.is_second_stage:
+        raise click.BadParameter(f"num_steps={opts.num_steps} with --afs=True leaves no network call to train; "
+                                 "use --num_steps >= 3 or --afs=False", param_hint="--num_steps")
+    if opts.is_second_stage and opts.afs and opts.num_steps < 3:
+        raise click.BadParameter("the second stage needs num_steps >= 3 with AFS (1 NFE)", param_hint="--num_steps")
+    if opts.max_order is not None and opts.sampler_tea in MAX_ORDER:
+        lo, hi = MAX_ORDER[opts.sampler_tea]
+        if not lo <= opts.max_order <= hi:
+            raise click.BadParameter(f"{opts.max_order} is out of range for --sampler_tea={opts.sampler_tea} "
+                                     f"(allowed {lo}..{hi})", param_hint="--max_order")
+    if opts.is_second_stage and not opts.model_path:
+        raise click.BadParameter("the second stage needs --model_path=<a first-stage SFD or SFD-v snapshot>",
+                                 param_hint="--model_path")
+    if not opts.is_second_stage and not opts.dataset_name and not opts.model_path:
+        raise click.BadParameter("give --dataset_name (a built-in backbone) or --model_path (an EDM-format .pkl)",
+                                 param_hint="--dataset_name")
+    if opts.model_path and not os.path.isfile(opts.model_path) and "://" not in opts.model_path:
+        raise click.BadParameter(f"no such file: {opts.model_path}", param_hint="--model_path")
+    batch_gpu = opts.batch_gpu or opts.batch // max(world_size, 1)
+    if opts.batch % world_size != 0 or batch_gpu == 0 or (opts.batch // world_size) % batch_gpu != 0:
+        raise click.BadParameter(f"--batch={opts.batch} must be divisible by ranks ({world_size}) × --batch-gpu "
+                                 f"({batch_gpu})", param_hint="--batch")
+    if opts.guidance_type == "cfg" and opts.guidance_rate <= 0:
+        raise click.BadParameter("classifier-free guidance needs --guidance_rate > 0", param_hint="--guidance_rate")
+
+
+def _bool(name, default, text):
+    return click.option(name, help=f"{text}  [default: {default}]", metavar="BOOL", type=bool, default=default)
+
+
+@click.command(help=__doc__)
+@click.option("--dataset_name", help="Built-in backbone (see models/registry.py); optional when --model_path is given",
+              metavar="STR", type=str, default=None)
+@click.option("--outdir", help="Where experiment folders go", metavar="DIR", type=str, default="./exps",
+              show_default=True)
+@click.option("--total_kimg", help="Training length in thousands of trajectories", metavar="KIMG",
+              type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option("--batch", help="Total batch size (trajectories per iteration, all ranks)", metavar="INT",
+              type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--batch-gpu", "batch_gpu", help="Per-rank batch per accumulation round  [default: batch/ranks]",
+              metavar="INT", type=click.IntRange(min=1), default=None)
+@click.option("--lr", help="Adam learning rate (÷10 after half of total_kimg)", metavar="FLOAT",
+              type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
+@click.option("--num_steps", help="Student time points (steps + 1); NFE = num_steps-2 with AFS, else num_steps-1",
+              metavar="INT", type=int, default=4, show_default=True)
+@click.option("--M", "M", help="Teacher points inserted between neighbouring student points", metavar="INT",
+              type=click.IntRange(min=0), default=3, show_default=True)
+@_bool("--afs", True, "Analytical first step: the student's first step calls no network")
+@click.option("--sampler_tea", help="Teacher solver", type=click.Choice(SOLVER_NAMES), default="dpmpp",
+              show_default=True)
+@click.option("--max_order", help="Order of multistep teachers: 1..4 for ipndm, 1..3 for dpmpp  [default: 4 / 3]",
+              metavar="INT", type=int, default=None)
+@_bool("--predict_x0", True, "DPM-Solver++: data-prediction formulation")
+@_bool("--lower_order_final", True, "DPM-Solver++: lower the order on the final steps")
+@click.option("--schedule_type", help="Time discretisation", type=click.Choice(SCHEDULES), default="polynomial",
+              show_default=True)
+@click.option("--schedule_rho", help="Time step exponent (polynomial, time_uniform, discrete)", metavar="FLOAT",
+              type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True)
+@_bool("--use_step_condition", False, "SFD-v: one model for num_steps 4..7 via a step-condition embedding")
+@_bool("--is_second_stage", False, "Second stage: distil a first-stage snapshot (--model_path) to 1 NFE")
+@click.option("--model_path", help="Second stage: a first-stage snapshot. First stage: any EDM-format .pkl",
+              metavar="PATH", type=str, default=None)
+@click.option("--guidance_type", help="Guidance of LDM/SD backbones", type=click.Choice(["cfg", "uncond"]),
+              default=None)
+@click.option("--guidance_rate", help="Classifier-free guidance weight used when sampling", metavar="FLOAT",
+              type=float, default=0.0, show_default=True)
+@_bool("--lpips", True, "Second stage, EDM backbones: add the LPIPS term on the last step (needs piq + weights)")
+@_bool("--fp16", True, "Mixed precision on CUDA (falls back to fp32 if the loss turns NaN); ignored on CPU")
+@click.option("--seed", help="Random seed  [default: random]", metavar="INT", type=int, default=None)
+@click.option("--desc", help="String appended to the experiment folder name", metavar="STR", type=str, default=None)
+@click.option("--nosubdir", help="Write into --outdir itself instead of a numbered sub-folder", is_flag=True)
+@click.option("--tick", help="Status line / stats interval in kimg", metavar="KIMG",
+              type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option("--snap", help="Snapshot every this many ticks  [default: only at the end]", metavar="TICKS",
+              type=click.IntRange(min=1), default=None)
+@click.option("--dump", help="Dump training state every this many ticks (for resuming)  [default: never]",
+              metavar="TICKS", type=click.IntRange(min=1), default=None)
+@_bool("--bench", True, "Enable cuDNN benchmarking")
+@click.option("--device", help="Device  [default: cuda if available, else cpu]", metavar="STR", type=str,
+              default=None)
+@click.option("-n", "--dry-run", "dry_run", help="Print the resolved options and exit without writing anything",
+              is_flag=True)
+def main(**kwargs):
+    opts = dnnlib.EasyDict(kwargs)
+    if opts.dataset_name is not None and opts.dataset_name not in _dataset_names():
+        raise click.BadParameter(f"unknown dataset {opts.dataset_name!r}; choose one of {', '.join(_dataset_names())}",
+                                 param_hint="--dataset_name")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_options(opts, world_size)
+
+    device = dist.init(opts.device)
+    if opts.seed is None:
+        seed = torch.randint(1 << 31, size=[], device=device)
+        if dist.is_distributed():
+            torch.distributed.broadcast(seed, src=0)
+        opts.seed = int(seed)
+
+    name = opts.dataset_name or os.path.splitext(os.path.basename(opts.model_path))[0]
+    nfe = distilled_nfe(opts.num_steps, opts.afs, opts.guidance_type)
+    desc = f"{name}-{opts.num_steps}-{nfe}-{opts.sampler_tea}-{opts.M}-{schedule_tag(opts.schedule_type, opts.schedule_rho)}"
+    if opts.afs:
+        desc += "-afs"
+    if opts.desc:
+        desc += f"-{opts.desc}"
+
+    c = dnnlib.EasyDict(
+        dataset_name=opts.dataset_name, model_path=opts.model_path, is_second_stage=opts.is_second_stage,
+        use_step_condition=opts.use_step_condition, num_steps=opts.num_steps, M=opts.M, afs=opts.afs,
+        sampler_tea=opts.sampler_tea, max_order=opts.max_order, predict_x0=opts.predict_x0,
+        lower_order_final=opts.lower_order_final, schedule_type=opts.schedule_type,
+        schedule_rho=opts.schedule_rho, guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate,
+        batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, lr=opts.lr, seed=opts.seed,
+        kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, lpips=opts.lpips,
+        fp16=opts.fp16, cudnn_benchmark=opts.bench, world_size=dist.get_world_size(), device=str(device),
+    )
+    run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc)
+
+    dist.print0("Training options:")
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0(f"Output directory: {run_dir}")
+    if opts.dry_run:
+        dist.print0("Dry run; exiting.")
+        dist.shutdown()
+        return
+
+    from training.perceptual import PerceptualUnavailable
+    from training.training_loop import training_loop
+
+    def open_run_dir():
+        """Called by the loop once the network has loaded, so a failed load leaves no folder behind."""
+        if dist.get_rank() != 0:
+            return None
+        os.makedirs(run_dir, exist_ok=opts.nosubdir)
+        with open(os.path.join(run_dir, "training_options.json"), "w") as f:
+            json.dump(c, f, indent=2)
+        dnnlib.util.tee_stdout(os.path.join(run_dir, "log.txt"))
+        return run_dir
+
+    try:
+        training_loop(run_dir=open_run_dir, **c)
+    except (ValueError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:
+        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        sys.exit(2)
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

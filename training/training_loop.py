@@ -1,0 +1,314 @@
+"""SFD fine-tuning loop (paper Alg. 1): teacher trajectory, then one Adam update per student step.
+
+Reads top to bottom as the algorithm. It never branches on the backbone: everything it needs comes from the
+loaded network (shape, label_dim, σ range) and from the settings resolved by train.py.
+"""
+
+import contextlib
+import copy
+import json
+import os
+import random
+import resource
+import time
+
+import numpy as np
+import torch
+
+import dnnlib
+
+from models import load_network, save_snapshot
+from torch_utils import distributed as dist
+from training import sfd_loss
+from training.perceptual import PerceptualLoss
+
+SNAPSHOT_SETTINGS = (
+    "dataset_name", "model_source", "num_steps", "M", "afs", "schedule_type", "schedule_rho", "sigma_min",
+    "sigma_max", "use_step_condition", "sampler_tea", "max_order", "predict_x0", "lower_order_final",
+    "is_second_stage", "guidance_type", "guidance_rate",
+)
+
+SFDV_NUM_STEPS = (4, 7)  # SFD-v draws the student's num_steps uniformly from this range each iteration
+
+
+def sfdv_teacher_M(num_steps):
+    return 2 if num_steps == 3 else 3
+
+
+def solver_options(sampler_tea, max_order, predict_x0, lower_order_final):
+    """Options that the chosen teacher solver takes (None max_order = the solver's own default)."""
+    opts = {}
+    if sampler_tea in ("ipndm", "dpmpp") and max_order is not None:
+        opts["max_order"] = max_order
+    if sampler_tea == "dpmpp":
+        opts.update(predict_x0=predict_x0, lower_order_final=lower_order_final)
+    return opts
+
+
+def _peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _format_time(seconds):
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def training_loop(
+    run_dir=None,  # output folder, or a callable returning it once the network has loaded (None on ranks > 0)
+    dataset_name=None,
+    model_path=None,
+    is_second_stage=False,
+    use_step_condition=False,
+    num_steps=4,
+    M=3,
+    afs=True,
+    sampler_tea="dpmpp",
+    max_order=None,
+    predict_x0=True,
+    lower_order_final=True,
+    schedule_type="polynomial",
+    schedule_rho=7.0,
+    guidance_type=None,
+    guidance_rate=0.0,
+    batch_size=128,
+    batch_gpu=None,
+    total_kimg=200,
+    lr=5e-5,
+    seed=0,
+    kimg_per_tick=1,
+    snapshot_ticks=None,  # None: one snapshot at the end
+    state_dump_ticks=None,
+    lpips=True,
+    fp16=True,
+    cudnn_benchmark=True,
+    cache_root="./src",
+    device=None,
+    progress=True,
+    **unused,
+):
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    start_time = time.time()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    np.random.seed((seed * world + rank) % (1 << 31))
+    torch.manual_seed(np.random.randint(1 << 31))
+    step_rng = random.Random(seed)  # same on every rank: all ranks must draw the same SFD-v num_steps
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+    # Batch geometry: batch = batch_gpu × accumulation rounds × ranks.
+    batch_per_rank = batch_size // world
+    batch_gpu = min(batch_gpu or batch_per_rank, batch_per_rank)
+    num_rounds = batch_per_rank // batch_gpu
+    assert batch_size == batch_gpu * num_rounds * world, "train.py validates the batch geometry"
+
+    # Load the network; rank 0 first so that only it downloads.
+    if rank != 0:
+        dist.barrier()
+    if is_second_stage:
+        loaded = load_network(model_path=model_path, device=device, cache_root=cache_root)
+        first = loaded.settings
+        # The teacher is the first-stage model sampled with Euler under its own stored settings.
+        schedule_type, schedule_rho = first["schedule_type"], first["schedule_rho"]
+        use_step_condition = bool(first.get("use_step_condition", False))
+        teacher_cfg = sfd_loss.TeacherConfig(
+            solver="euler", schedule_type=schedule_type, schedule_rho=schedule_rho,
+            sigma_min=first["sigma_min"], sigma_max=first["sigma_max"], afs=bool(first["afs"]),
+            step_condition="num_steps_teacher" if use_step_condition else None, solver_options={},
+        )
+    else:
+        loaded = load_network(dataset_name=dataset_name, model_path=model_path, device=device,
+                              use_step_condition=use_step_condition, cache_root=cache_root)
+        teacher_cfg = sfd_loss.TeacherConfig(
+            solver=sampler_tea, schedule_type=schedule_type, schedule_rho=schedule_rho,
+            sigma_min=loaded.settings["sigma_min"], sigma_max=loaded.settings["sigma_max"], afs=False,
+            step_condition=None,
+            solver_options=solver_options(sampler_tea, max_order, predict_x0, lower_order_final),
+        )
+    if rank == 0:
+        dist.barrier()
+    if callable(run_dir):
+        run_dir = run_dir()
+    net = loaded.net
+    model_source = loaded.settings.get("model_source", "edm")
+    sigma_min, sigma_max = teacher_cfg.sigma_min, teacher_cfg.sigma_max
+    use_mixed = bool(fp16 and device.type == "cuda")
+
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    if use_step_condition and not is_second_stage:
+        teacher.ignore_step_condition()  # fresh step layers must not disturb the pre-trained teacher
+    net.train().requires_grad_(True)
+    for module in (net, teacher):
+        if hasattr(module, "use_fp16"):
+            module.use_fp16 = use_mixed
+    dist.print0(f"Parameters: {sum(p.numel() for p in net.parameters()):,} | batch {batch_size} = "
+                f"{batch_gpu} per round × {num_rounds} rounds × {world} ranks | device {device}")
+
+    perceptual = None
+    if is_second_stage and model_source == "edm" and lpips:
+        perceptual = PerceptualLoss(device=device, cache_root=cache_root)
+
+    settings = dict(
+        dataset_name=loaded.dataset_name, model_source=model_source, num_steps=num_steps, M=M, afs=afs,
+        schedule_type=schedule_type, schedule_rho=schedule_rho, sigma_min=sigma_min, sigma_max=sigma_max,
+        use_step_condition=use_step_condition, sampler_tea=teacher_cfg.solver, max_order=max_order,
+        predict_x0=predict_x0, lower_order_final=lower_order_final, is_second_stage=is_second_stage,
+        guidance_type=guidance_type, guidance_rate=guidance_rate,
+    )
+    if use_step_condition and not is_second_stage:
+        settings["step_condition_range"] = list(SFDV_NUM_STEPS)
+    if is_second_stage:
+        settings["first_stage"] = {k: loaded.settings.get(k) for k in SNAPSHOT_SETTINGS if k in loaded.settings}
+
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    ddp = net
+    if dist.is_distributed():
+        dist.broadcast_module(net)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=True)
+
+    fixed_schedule = sfd_loss.make_distill_schedule(num_steps, M, sigma_min, sigma_max, schedule_type,
+                                                    schedule_rho, net=teacher, device=device)
+    shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+
+    dist.print0(f"Training for {total_kimg} kimg...")
+    cur_nimg, cur_tick = 0, 0
+    tick_start_nimg, tick_start_time = 0, time.time()
+    stats_file = os.path.join(run_dir, "stats.jsonl") if run_dir else None
+    max_steps = SFDV_NUM_STEPS[1] if (use_step_condition and not is_second_stage) else num_steps
+    loss_sum = torch.zeros(max_steps - 1, device=device)
+    loss_count = torch.zeros(max_steps - 1, device=device)
+    last_loss = torch.zeros([], device=device)
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_kimg, unit="kimg", dynamic_ncols=True, leave=False, bar_format=(
+            "{l_bar}{bar}| {n:.1f}/{total} kimg [{elapsed}<{remaining}]{postfix}"))
+
+    while True:
+        if use_mixed and torch.isnan(last_loss).item():
+            use_mixed = False
+            for module in (net, teacher):
+                module.use_fp16 = False
+            dist.print0("NaN loss under mixed precision: continuing in fp32.")
+
+        # SFD-v: a fresh student length (and matching teacher density) each iteration.
+        if use_step_condition and not is_second_stage:
+            cur_steps = step_rng.randint(*SFDV_NUM_STEPS)
+            schedule = sfd_loss.make_distill_schedule(cur_steps, sfdv_teacher_M(cur_steps), sigma_min, sigma_max,
+                                                      schedule_type, schedule_rho, net=teacher, device=device)
+        else:
+            cur_steps, schedule = num_steps, fixed_schedule
+        step_condition = cur_steps if use_step_condition else None
+
+        latents = [torch.randn(shape, device=device) for _ in range(num_rounds)]
+        labels = [None] * num_rounds
+        if label_dim:
+            eye = torch.eye(label_dim, device=device)
+            labels = [eye[torch.randint(label_dim, size=[batch_gpu], device=device)] for _ in range(num_rounds)]
+        targets = [sfd_loss.teacher_trajectory(teacher, latents[k], schedule, teacher_cfg, class_labels=labels[k])
+                   for k in range(num_rounds)]
+        x = [latents[k] * schedule.t_steps[0] for k in range(num_rounds)]
+
+        for i in range(cur_steps - 1):
+            update = not (afs and i == 0)  # the AFS step calls no network: nothing to learn
+            optimizer.zero_grad(set_to_none=True)
+            for k in range(num_rounds):
+                sync = (k == num_rounds - 1) or not dist.is_distributed()
+                ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    with torch.set_grad_enabled(update):
+                        out = sfd_loss.student_step(ddp, x[k], schedule, i, afs, class_labels=labels[k],
+                                                    step_condition=step_condition)
+                        loss = sfd_loss.l1_loss(out, targets[k][i])
+                        if perceptual is not None and i == cur_steps - 2:
+                            # The paper adds the batch-mean LPIPS to every element of the L1 map.
+                            loss = loss + perceptual(out, targets[k][i]).mean()
+                    if update:
+                        loss.sum().mul(1.0 / (batch_gpu * num_rounds)).backward()
+                x[k] = out.detach()
+                loss_sum[i] += loss.detach().mean() / num_rounds
+                last_loss = loss.detach().sum()
+            loss_count[i] += 1
+            if update:
+                for p in net.parameters():
+                    if p.grad is not None:
+                        torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+                optimizer.step()
+
+        # LR ÷ 10 once half of the trajectories are done (paper §4, "learning rate").
+        if cur_nimg / 1000 >= 0.5 * total_kimg:
+            for g in optimizer.param_groups:
+                g["lr"] = lr / 10
+
+        cur_nimg += batch_size
+        done = cur_nimg >= total_kimg * 1000
+        if bar is not None:
+            bar.update(batch_size / 1000)
+        if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            continue
+
+        # Tick: status line, stats, snapshot.
+        tick_time = time.time() - tick_start_time
+        sec_per_kimg = tick_time / max(cur_nimg - tick_start_nimg, 1) * 1000
+        per_step = (dist.all_reduce_mean(loss_sum) / loss_count.clamp(min=1)).tolist()
+        seen = loss_count.tolist()
+        eta = sec_per_kimg * (total_kimg - cur_nimg / 1000)
+        stats = dict(tick=cur_tick, kimg=cur_nimg / 1000, sec_per_kimg=sec_per_kimg,
+                     total_sec=time.time() - start_time, peak_mem_gb=_peak_memory_gb(device),
+                     lr=optimizer.param_groups[0]["lr"], fp16=use_mixed,
+                     loss={f"step{i}": v for i, (v, n) in enumerate(zip(per_step, seen)) if n > 0})
+        loss_text = " ".join(f"{v:.4f}" for v, n in zip(per_step, seen) if n > 0)
+        line = (f"tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} loss/step [{loss_text}] sec/kimg "
+                f"{sec_per_kimg:<7.2f} mem {stats['peak_mem_gb']:.2f}GB eta {_format_time(eta)}")
+        if bar is not None:
+            bar.write(line)
+            bar.set_postfix_str(f"loss {sum(per_step) / max(1, sum(n > 0 for n in seen)):.4f}")
+        elif rank == 0:
+            print(line, flush=True)
+        if stats_file:
+            with open(stats_file, "a") as f:
+                f.write(json.dumps(dict(stats, timestamp=time.time())) + "\n")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        loss_sum.zero_()
+        loss_count.zero_()
+
+        if (snapshot_ticks and cur_tick % snapshot_ticks == 0 and cur_tick > 0) or done:
+            check_ranks_in_sync(net)
+            if rank == 0 and run_dir:
+                path = os.path.join(run_dir, f"network-snapshot-{cur_nimg // 1000:06d}.safetensors")
+                save_snapshot(path, net, settings)
+            dist.barrier()
+        cur_tick += 1
+        tick_start_nimg, tick_start_time = cur_nimg, time.time()
+        if done:
+            break
+
+    if bar is not None:
+        bar.close()
+    dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {_format_time(time.time() - start_time)}.")
+    return dnnlib.EasyDict(net=net, teacher=teacher, settings=settings, run_dir=run_dir, kimg=cur_nimg / 1000)
+
+
+def check_ranks_in_sync(net):
+    """Every rank must hold the same weights (DDP averages gradients; any drift is a bug): compare per-tensor
+    float64 sums and sums of squares across ranks and stop with an error on a mismatch."""
+    if not dist.is_distributed():
+        return
+    with torch.no_grad():
+        local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in net.parameters()])
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    worst = max((g - gathered[0]).abs().max().item() for g in gathered)
+    if worst != 0:
+        raise RuntimeError(f"ranks hold different weights (max checksum difference {worst:g})")
+    dist.print0(f"Ranks in sync: {dist.get_world_size()} ranks hold identical weights.")
+
