@@ -11,7 +11,7 @@ NFE_PER_STEP = 2
 
 
 def dpm_2_rule(step, history, r):
-    t_mid = r * step.t_next + (1 - r) * step.t_cur          # r of the way from t_cur to t_next in log t
+    t_mid = (step.t_next ** r) * (step.t_cur ** (1 - r))          # r of the way from t_cur to t_next in log t
     x_mid = step.x + (t_mid - step.t_cur) * step.d
     d_mid = (x_mid - step.denoise(x_mid, t_mid)) / t_mid
     # x_{i+1} = x_i + (t_{i+1} - t_i)·(d_mid/(2r) + (1 - 1/(2r))·d_i)

@@ -15,16 +15,6 @@ from solvers.dpm_solver_pp import multistep_update
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tensors are tiny: intra-op threads only add wake-up latency, which on a busy 2-core machine costs
-    # milliseconds per reduction and made one test 50x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class GaussianDenoiser:
     """Ideal denoiser of y ~ N(mu, s² I): D(x, sigma) = (s² x + sigma² mu) / (s² + sigma²).
 

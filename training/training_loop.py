@@ -143,6 +143,9 @@ def training_loop(
         teacher.ignore_step_condition()  # fresh step layers must not disturb the pre-trained teacher
     net.train().requires_grad_(True)
     for module in (net, teacher):
+        if hasattr(module, "guidance_rate"):
+            module.guidance_rate = 1.0  # SD trains on the conditional prediction only; sampling uses guidance_rate
+    for module in (net, teacher):
         if hasattr(module, "use_fp16"):
             module.use_fp16 = use_mixed
     dist.print0(f"Parameters: {sum(p.numel() for p in net.parameters()):,} | batch {batch_size} = "
@@ -213,7 +216,12 @@ def training_loop(
         if label_dim:
             eye = torch.eye(label_dim, device=device)
             labels = [eye[torch.randint(label_dim, size=[batch_gpu], device=device)] for _ in range(num_rounds)]
-        targets = [sfd_loss.teacher_trajectory(teacher, latents[k], schedule, teacher_cfg, class_labels=labels[k])
+        # Text-conditioned backbones (SD) draw their own training conditions, e.g. random captions.
+        conds = [(None, None)] * num_rounds
+        if hasattr(net, "draw_conditions"):
+            conds = [net.draw_conditions(batch_gpu, device) for _ in range(num_rounds)]
+        targets = [sfd_loss.teacher_trajectory(teacher, latents[k], schedule, teacher_cfg, class_labels=labels[k],
+                                               condition=conds[k][0], unconditional_condition=conds[k][1])
                    for k in range(num_rounds)]
         x = [latents[k] * schedule.t_steps[0] for k in range(num_rounds)]
 
@@ -226,6 +234,7 @@ def training_loop(
                 with ctx:
                     with torch.set_grad_enabled(update):
                         out = sfd_loss.student_step(ddp, x[k], schedule, i, afs, class_labels=labels[k],
+                                                    condition=conds[k][0], unconditional_condition=conds[k][1],
                                                     step_condition=step_condition)
                         loss = sfd_loss.l1_loss(out, targets[k][i])
                         if perceptual is not None and i == cur_steps - 2:
