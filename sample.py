@@ -254,11 +254,11 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
 
     fid = None
     if opts.fid_ref:
-        from metrics.detectors import load_detector
+        from metrics.detectors import load_detector_rank0_first
         from metrics.frechet import StreamingFID, load_ref
 
         mu, sigma = load_ref(opts.fid_ref)
-        fid = StreamingFID(load_detector(opts.detector, device=device), mu, sigma, device=device)
+        fid = StreamingFID(load_detector_rank0_first(opts.detector, device=device), mu, sigma, device=device)
 
     # Shard seeds: contiguous batches dealt round-robin to ranks (every rank gets the same number of batches).
     world, rank = dist.get_world_size(), dist.get_rank()
