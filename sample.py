@@ -22,8 +22,8 @@ python sample.py --model_path=0 --seeds=0-9999 --fid_ref=path/to/ref.npz --no-sa
 import concurrent.futures
 import glob
 import os
+import pickle
 import re
-import sys
 
 import click
 import numpy as np
@@ -33,6 +33,7 @@ import torch
 import dnnlib
 import solvers
 from torch_utils import distributed as dist
+from torch_utils.cli import CommandError
 
 SOLVER_OPTION_NAMES = ("max_order", "predict_x0", "lower_order_final")
 
@@ -234,8 +235,8 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
                               device=device)
         if dist.get_rank() == 0:
             dist.barrier()
-    except (ValueError, dnnlib.DownloadError) as e:
-        raise click.ClickException(str(e).splitlines()[0]) from None
+    except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError) as e:
+        raise CommandError(e) from None
     if opts.dataset_name and loaded.dataset_name and opts.dataset_name != loaded.dataset_name:
         raise click.BadParameter(f"the model was built for {loaded.dataset_name!r}, not {opts.dataset_name!r}",
                                  param_hint="--dataset_name")
@@ -257,8 +258,11 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         from metrics.detectors import load_detector_rank0_first
         from metrics.frechet import StreamingFID, load_ref
 
-        mu, sigma = load_ref(opts.fid_ref)
-        fid = StreamingFID(load_detector_rank0_first(opts.detector, device=device), mu, sigma, device=device)
+        try:
+            mu, sigma = load_ref(opts.fid_ref)
+            fid = StreamingFID(load_detector_rank0_first(opts.detector, device=device), mu, sigma, device=device)
+        except (ValueError, OSError, dnnlib.DownloadError) as e:
+            raise CommandError(f"--fid_ref/--detector: {e}") from None
 
     # Shard seeds: contiguous batches dealt round-robin to ranks (every rank gets the same number of batches).
     world, rank = dist.get_world_size(), dist.get_rank()

@@ -19,8 +19,10 @@ python train.py --dataset_name=cifar10 --is_second_stage=True --model_path=exps/
     --num_steps=3 --M=2 --afs=True --lr=5e-4 --total_kimg=2000
 """
 
+import glob
 import json
 import os
+import pickle
 import re
 import sys
 
@@ -93,6 +95,24 @@ def check_options(opts, world_size):
         raise click.BadParameter("classifier-free guidance needs --guidance_rate > 0", param_hint="--guidance_rate")
 
 
+def find_resume(resume, outdir):
+    """(run folder, dump path) for `--resume` given as an experiment number or a dump file."""
+    from training.state import latest_dump
+
+    if re.fullmatch(r"\d+", resume):
+        folders = sorted(glob.glob(os.path.join(outdir, f"{int(resume):05d}-*")))
+        if not folders:
+            raise click.BadParameter(f"no experiment folder {outdir}/{int(resume):05d}-*", param_hint="--resume")
+        dump = latest_dump(folders[0])
+        if dump is None:
+            raise click.BadParameter(f"{folders[0]} has no training-state dump (train with --dump to make them)",
+                                     param_hint="--resume")
+        return folders[0], dump
+    if not os.path.isfile(resume):
+        raise click.BadParameter(f"no such file: {resume}", param_hint="--resume")
+    return os.path.dirname(os.path.abspath(resume)), resume
+
+
 def _bool(name, default, text):
     return click.option(name, help=f"{text}  [default: {default}]", metavar="BOOL", type=bool, default=default)
 
@@ -147,10 +167,21 @@ def _bool(name, default, text):
 @_bool("--bench", True, "Enable cuDNN benchmarking")
 @click.option("--device", help="Device  [default: cuda if available, else cpu]", metavar="STR", type=str,
               default=None)
+@click.option("--resume", help="Continue an interrupted run: its experiment number or a training-state-*.pt dump "
+              "(the run's own training_options.json is used; other options are ignored)", metavar="N|PATH",
+              type=str, default=None)
 @click.option("-n", "--dry-run", "dry_run", help="Print the resolved options and exit without writing anything",
               is_flag=True)
 def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
+    if opts.resume is not None:
+        run_dir, dump = find_resume(opts.resume, opts.outdir)
+        options_path = os.path.join(run_dir, "training_options.json")
+        if not os.path.isfile(options_path):
+            raise click.BadParameter(f"{run_dir} has no training_options.json", param_hint="--resume")
+        with open(options_path) as f:
+            c = dnnlib.EasyDict(json.load(f))
+        return run_training(c, run_dir, resume_state=dump, dry_run=opts.dry_run, device=opts.device)
     if opts.dataset_name is not None and opts.dataset_name not in _dataset_names():
         raise click.BadParameter(f"unknown dataset {opts.dataset_name!r}; choose one of {', '.join(_dataset_names())}",
                                  param_hint="--dataset_name")
@@ -183,11 +214,18 @@ def main(**kwargs):
         fp16=opts.fp16, cudnn_benchmark=opts.bench, world_size=dist.get_world_size(), device=str(device),
     )
     run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc)
+    return run_training(c, run_dir, dry_run=opts.dry_run, nosubdir=opts.nosubdir)
 
+
+def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, device=None):
+    """Print the options, then train into run_dir (created only once the network has loaded)."""
+    if resume_state is not None:
+        device = dist.init(device or c.get("device"))
+        c.device = str(device)
     dist.print0("Training options:")
     dist.print0(json.dumps(c, indent=2))
     dist.print0(f"Output directory: {run_dir}")
-    if opts.dry_run:
+    if dry_run:
         dist.print0("Dry run; exiting.")
         dist.shutdown()
         return
@@ -199,15 +237,14 @@ def main(**kwargs):
         """Called by the loop once the network has loaded, so a failed load leaves no folder behind."""
         if dist.get_rank() != 0:
             return None
-        os.makedirs(run_dir, exist_ok=opts.nosubdir)
-        with open(os.path.join(run_dir, "training_options.json"), "w") as f:
-            json.dump(c, f, indent=2)
+        os.makedirs(run_dir, exist_ok=nosubdir or resume_state is not None)
+        dnnlib.util.write_atomic(os.path.join(run_dir, "training_options.json"), json.dumps(c, indent=2))
         dnnlib.util.tee_stdout(os.path.join(run_dir, "log.txt"))
         return run_dir
 
     try:
-        training_loop(run_dir=open_run_dir, **c)
-    except (ValueError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:
+        training_loop(run_dir=open_run_dir, resume_state=resume_state, **c)
+    except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:
         click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
         sys.exit(2)
     finally:

@@ -124,3 +124,11 @@ def tee_stdout(path):
     import sys
 
     sys.stdout = _Tee(sys.stdout, open(path, "a", encoding="utf-8"))
+
+
+def write_atomic(path, text):
+    """Write a text file through a temporary name and a rename: readers see the old or the new file, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -20,6 +20,7 @@ import dnnlib
 from models import load_network, save_snapshot
 from torch_utils import distributed as dist
 from training import sfd_loss
+from training import state as train_state
 from training.perceptual import PerceptualLoss
 
 SNAPSHOT_SETTINGS = (
@@ -84,9 +85,10 @@ def training_loop(
     snapshot_ticks=None,  # None: one snapshot at the end
     state_dump_ticks=None,
     lpips=True,
-    fp16=True,
+    fp16=True,  # mixed precision on CUDA; "always" also arms the NaN fallback elsewhere (used by tests)
     cudnn_benchmark=True,
     cache_root="./src",
+    resume_state=None,  # a training-state dump to continue from (same run folder)
     device=None,
     progress=True,
     **unused,
@@ -136,7 +138,7 @@ def training_loop(
     net = loaded.net
     model_source = loaded.settings.get("model_source", "edm")
     sigma_min, sigma_max = teacher_cfg.sigma_min, teacher_cfg.sigma_max
-    use_mixed = bool(fp16 and device.type == "cuda")
+    use_mixed = fp16 == "always" or bool(fp16 and device.type == "cuda")
 
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
     if use_step_condition and not is_second_stage:
@@ -180,23 +182,35 @@ def training_loop(
     shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
     label_dim = int(getattr(net, "label_dim", 0) or 0)
 
-    dist.print0(f"Training for {total_kimg} kimg...")
     cur_nimg, cur_tick = 0, 0
-    tick_start_nimg, tick_start_time = 0, time.time()
     stats_file = os.path.join(run_dir, "stats.jsonl") if run_dir else None
+    if resume_state is not None:
+        state = train_state.load_training_state(resume_state)
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])  # carries the current LR, i.e. the LR phase
+        cur_nimg, cur_tick = state["cur_nimg"], state["cur_tick"]
+        train_state.restore_step_rng(step_rng, state["step_rng"])
+        use_mixed = use_mixed and state["use_mixed"]
+        if len(state["rank_rng"]) == world:
+            train_state.restore_rng(state["rank_rng"][rank], device)
+        if stats_file:
+            train_state.trim_stats(stats_file, cur_nimg / 1000)
+        dist.print0(f"Resuming from {resume_state} at {cur_nimg / 1000:g} kimg (tick {cur_tick}).")
+    dist.print0(f"Training for {total_kimg} kimg...")
+    tick_start_nimg, tick_start_time = cur_nimg, time.time()
     max_steps = SFDV_NUM_STEPS[1] if (use_step_condition and not is_second_stage) else num_steps
     loss_sum = torch.zeros(max_steps - 1, device=device)
     loss_count = torch.zeros(max_steps - 1, device=device)
-    last_loss = torch.zeros([], device=device)
+    nonfinite = torch.zeros([], dtype=torch.bool, device=device)  # any NaN/inf loss since the last check
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_kimg, unit="kimg", dynamic_ncols=True, leave=False, bar_format=(
-            "{l_bar}{bar}| {n:.1f}/{total} kimg [{elapsed}<{remaining}]{postfix}"))
+        bar = tqdm(total=total_kimg, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True, leave=False,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total} kimg [{elapsed}<{remaining}]{postfix}")
 
     while True:
-        if use_mixed and torch.isnan(last_loss).item():
+        if use_mixed and nonfinite.item():  # one host sync per iteration, and only under mixed precision
             use_mixed = False
             for module in (net, teacher):
                 module.use_fp16 = False
@@ -244,7 +258,7 @@ def training_loop(
                         loss.sum().mul(1.0 / (batch_gpu * num_rounds)).backward()
                 x[k] = out.detach()
                 loss_sum[i] += loss.detach().mean() / num_rounds
-                last_loss = loss.detach().sum()
+                nonfinite |= ~torch.isfinite(loss.detach()).all()
             loss_count[i] += 1
             if update:
                 for p in net.parameters():
@@ -297,6 +311,17 @@ def training_loop(
                 save_snapshot(path, net, settings)
             dist.barrier()
         cur_tick += 1
+        if state_dump_ticks and (cur_tick % state_dump_ticks == 0 or done):
+            rank_rng = [train_state.capture_rng(device)]
+            if dist.is_distributed():
+                rank_rng = [None] * world
+                torch.distributed.all_gather_object(rank_rng, train_state.capture_rng(device))
+            if rank == 0 and run_dir:
+                train_state.save_training_state(
+                    os.path.join(run_dir, f"training-state-{cur_nimg // 1000:06d}.pt"), net=net,
+                    optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick, step_rng=step_rng,
+                    use_mixed=use_mixed, rank_rng=rank_rng)
+            dist.barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         if done:
             break

@@ -1,0 +1,87 @@
+"""Training-state dumps for resuming (`--dump`, `--resume`).
+
+A dump holds the student's weights, the optimizer (with its current learning rate, so the LR phase survives),
+the progress counters, the SFD-v step generator and every rank's RNG states. It is a plain torch file of tensors,
+numbers and containers, so it loads with `weights_only=True` (no code runs), and it is written to a temporary
+name and renamed, so a kill mid-write never leaves a truncated dump behind.
+"""
+
+import glob
+import json
+import os
+import random
+import re
+
+import numpy as np
+import torch
+
+DUMP_PATTERN = "training-state-*.pt"
+
+
+def capture_rng(device):
+    np_state = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]])
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state, device):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_training_state(path, *, net, optimizer, cur_nimg, cur_tick, step_rng, use_mixed, rank_rng):
+    state = dict(
+        net={k: v.detach().cpu() for k, v in net.state_dict().items()},
+        optimizer=optimizer.state_dict(),
+        cur_nimg=int(cur_nimg),
+        cur_tick=int(cur_tick),
+        step_rng=step_rng.getstate(),
+        use_mixed=bool(use_mixed),
+        rank_rng=rank_rng,
+    )
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_training_state(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read training state {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def restore_step_rng(step_rng: random.Random, state):
+    version, internal, gauss = state
+    step_rng.setstate((version, tuple(internal), gauss))
+
+
+def latest_dump(run_dir):
+    dumps = glob.glob(os.path.join(run_dir, DUMP_PATTERN))
+    if not dumps:
+        return None
+    return max(dumps, key=lambda p: int(re.search(r"training-state-(\d+)", p).group(1)))
+
+
+def trim_stats(stats_path, kimg):
+    """Keep only the complete stats lines up to `kimg` (lines written after the dump are re-done on resume)."""
+    if not os.path.isfile(stats_path):
+        return
+    kept = []
+    with open(stats_path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+            if entry.get("kimg", float("inf")) <= kimg + 1e-9:
+                kept.append(json.dumps(entry) + "\n")
+    tmp = f"{stats_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, stats_path)
