@@ -114,6 +114,11 @@ def training_loop(
     if is_second_stage:
         loaded = load_network(model_path=model_path, device=device, cache_root=cache_root)
         first = loaded.settings
+        if loaded.source != "snapshot" or "num_steps" not in first:
+            raise ValueError(f"--model_path {model_path}: the second stage needs a first-stage SFD/SFD-v snapshot")
+        if dataset_name and loaded.dataset_name and dataset_name != loaded.dataset_name:
+            raise ValueError(f"--model_path was distilled from {loaded.dataset_name!r}, not --dataset_name "
+                             f"{dataset_name!r}")
         # The teacher is the first-stage model sampled with Euler under its own stored settings.
         schedule_type, schedule_rho = first["schedule_type"], first["schedule_rho"]
         use_step_condition = bool(first.get("use_step_condition", False))
