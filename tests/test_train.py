@@ -239,3 +239,28 @@ def test_torchrun_two_processes_cpu(tmp_path, tiny_teacher_pkl):
     run = only_dir(str(tmp_path / "00000-*"))
     assert len(glob.glob(os.path.join(run, "network-snapshot-*.safetensors"))) == 1
     assert "2 ranks hold identical weights" in open(os.path.join(run, "log.txt")).read()
+
+
+def test_gradient_accumulation_rounds_match_one_big_batch(tiny_teacher_pkl, monkeypatch):
+    """--batch-gpu splits the per-rank batch into rounds whose gradients add up to the full batch's."""
+    pkl, _ = tiny_teacher_pkl
+    import training.training_loop as loop
+
+    real_randn = torch.randn
+    fixed = real_randn([8, 1, 8, 8], generator=torch.Generator().manual_seed(0))
+    served = []
+
+    def fixed_latents(shape, *a, **k):
+        # Hand out the same 8 trajectories whatever the round size.
+        if list(shape[1:]) == [1, 8, 8]:
+            start = sum(served) % 8
+            served.append(shape[0])
+            return fixed[start:start + shape[0]].clone()
+        return real_randn(shape, *a, **k)
+
+    monkeypatch.setattr(loop.torch, "randn", fixed_latents)
+    one = _loop(pkl, batch_size=8, total_kimg=0.008, lr=1e-3)
+    served.clear()
+    four = _loop(pkl, batch_size=8, batch_gpu=2, total_kimg=0.008, lr=1e-3)
+    for (k, a), b in zip(one.net.state_dict().items(), four.net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)

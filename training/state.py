@@ -85,3 +85,9 @@ def trim_stats(stats_path, kimg):
     with open(tmp, "w") as f:
         f.writelines(kept)
     os.replace(tmp, stats_path)
+
+
+def remove_stale_temporaries(run_dir):
+    """Temporary files left by a killed run (its writes go to `name.tmpPID` and are renamed when complete)."""
+    for path in glob.glob(os.path.join(run_dir, "*.tmp*")) + glob.glob(os.path.join(run_dir, ".*.tmp*")):
+        os.remove(path)

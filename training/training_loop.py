@@ -198,7 +198,8 @@ def training_loop(
         use_mixed = use_mixed and state["use_mixed"]
         if len(state["rank_rng"]) == world:
             train_state.restore_rng(state["rank_rng"][rank], device)
-        if stats_file:
+        if run_dir:
+            train_state.remove_stale_temporaries(run_dir)
             train_state.trim_stats(stats_file, cur_nimg / 1000)
         dist.print0(f"Resuming from {resume_state} at {cur_nimg / 1000:g} kimg (tick {cur_tick}).")
     dist.print0(f"Training for {total_kimg} kimg...")
