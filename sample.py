@@ -79,9 +79,13 @@ def latest_snapshot(exp_number, exps_dir="./exps"):
     folders = sorted(glob.glob(os.path.join(exps_dir, prefix + "*")))
     if not folders:
         raise click.BadParameter(f"no experiment folder {exps_dir}/{prefix}*", param_hint="--model_path")
-    snapshots = glob.glob(os.path.join(folders[0], "network-snapshot-*.safetensors"))
+    return latest_snapshot_in(folders[0])
+
+
+def latest_snapshot_in(folder):
+    snapshots = glob.glob(os.path.join(folder, "network-snapshot-*.safetensors"))
     if not snapshots:
-        raise click.BadParameter(f"{folders[0]} holds no network snapshot yet", param_hint="--model_path")
+        raise click.BadParameter(f"{folder} holds no network snapshot yet", param_hint="--model_path")
     return max(snapshots, key=lambda p: int(re.search(r"network-snapshot-(\d+)", p).group(1)))
 
 
@@ -182,7 +186,7 @@ def _optional_bool(name, text, default=None):
 
 @click.command(help=__doc__)
 @click.option("--dataset_name", help="Backbone name; checked against the snapshot's", metavar="STR", type=str)
-@click.option("--model_path", help="Snapshot path, experiment number (latest snapshot of exps/NNNNN-*), or an "
+@click.option("--model_path", help="Snapshot path, experiment folder or number (its latest snapshot), or an "
               "EDM-format .pkl; omitted: the pre-trained model of --dataset_name", metavar="N|PATH", type=str)
 @click.option("--exps_dir", help="Where experiment numbers are looked up", metavar="DIR", default="./exps",
               show_default=True)
@@ -221,6 +225,8 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     model_path = opts.model_path
     if model_path is not None and re.fullmatch(r"\d+", model_path):
         model_path = latest_snapshot(model_path, opts.exps_dir)
+    elif model_path is not None and os.path.isdir(model_path):
+        model_path = latest_snapshot_in(model_path)
     if model_path is None and opts.dataset_name is None:
         raise click.BadParameter("give --model_path or --dataset_name", param_hint="--model_path")
     if model_path is not None and not os.path.isfile(model_path):

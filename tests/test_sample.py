@@ -89,6 +89,8 @@ def test_experiment_number_picks_latest_snapshot_and_default_outdir(snapshot, tm
     assert "network-snapshot-000020" in r.output
     assert sorted(digests(tmp_path / "samples" / "tiny" / "euler_step4_nfe2")) == [
         os.path.join("000000", "000000.png"), os.path.join("000000", "000001.png")]
+    r = run_sample("--model_path", str(run), "--seeds", "0", "--outdir", str(tmp_path / "by-folder"))
+    assert r.exit_code == 0 and "network-snapshot-000020" in r.output, r.output
     r = run_sample("--model_path", "7", "--exps_dir", str(root))
     assert r.exit_code == 2 and "00007" in r.output
 
