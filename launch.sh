@@ -4,12 +4,15 @@
 #   bash launch.sh sfd        # 2-NFE SFD on cifar10
 #   bash launch.sh sfdv       # SFD-v: one model for num_steps 4..7 (NFE 2..5)
 #   bash launch.sh stage2     # second stage to 1 NFE (MODEL=path/to/first-stage/snapshot)
+#   bash launch.sh ldm        # 2-NFE SFD on a latent-diffusion model (DATASET=lsun_bedroom_ldm or ffhq_ldm)
+#   bash launch.sh sd         # 2-step (4-NFE under guidance) SFD on Stable Diffusion v1.5 (ms_coco)
 #   bash launch.sh sample     # 50k images from experiment EXP (default 0)
+#   bash launch.sh sample_sd  # 30k MS-COCO images (caption of row = seed) from SD experiment EXP; PROMPT for one prompt
 #   bash launch.sh sample_v   # 50k images from an SFD-v experiment at NUM_STEPS (default 4)
 #   bash launch.sh fid        # FID of IMAGES against REF
 #   bash launch.sh prdc       # precision/recall/density/coverage of IMAGES against IMAGES_REF
 #
-# Environment: GPUS (default 4), DATASET (default cifar10), EXP, MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF.
+# Environment: GPUS (default 4), DATASET (default cifar10), EXP, MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF, PROMPT.
 # "num_steps" counts time points (steps + 1); AFS saves the first network call, so num_steps=4 with AFS is 2 NFE.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -40,6 +43,31 @@ stage2)
         --model_path="$MODEL" \
         --dataset_name="$DATASET" --total_kimg=2000 --batch=128 --lr=5e-4 \
         --num_steps=3 --M=2 --afs=True --sampler_tea="euler" --is_second_stage=True
+    ;;
+ldm)
+    # LDM backbones (./src/$DATASET/model.ckpt from the LDM zip, VQ-f4 first stage): discrete schedule, unconditional
+    [[ "$DATASET" == *_ldm ]] || { echo "set DATASET=lsun_bedroom_ldm or DATASET=ffhq_ldm" >&2; exit 2; }
+    $RUN train.py \
+        --dataset_name="$DATASET" --total_kimg=200 --batch=128 --lr=5e-5 \
+        --num_steps=4 --M=3 --afs=True --sampler_tea="dpmpp" --max_order=3 --predict_x0=True --lower_order_final=True \
+        --schedule_type="discrete" --schedule_rho=1 --guidance_type="uncond" --use_step_condition=False --is_second_stage=False
+    ;;
+sd)
+    # Stable Diffusion v1.5: random MS-COCO captions, guidance 1 while training, 7.5 stored for sampling; NFE doubles
+    # under classifier-free guidance. Only the U-Net is fine-tuned (SFD_COCO_CAPTIONS=/path/to.csv for a local CSV).
+    $RUN train.py \
+        --dataset_name="ms_coco" --total_kimg=200 --batch=128 --batch-gpu=8 --lr=5e-5 \
+        --num_steps=4 --M=3 --afs=True --sampler_tea="dpmpp" --max_order=2 --predict_x0=True --lower_order_final=True \
+        --schedule_type="discrete" --schedule_rho=1 --guidance_type="cfg" --guidance_rate=7.5 \
+        --use_step_condition=False --is_second_stage=False
+    ;;
+sample_sd)
+    # MS-COCO 30k for FID/CLIP score (row = seed of the caption CSV), or PROMPT for a grid of one prompt
+    if [ -n "${PROMPT:-}" ]; then
+        $RUN sample.py --dataset_name=ms_coco --model_path="${EXP:-0}" --seeds='0-15' --batch=16 --grid --prompt="$PROMPT"
+    else
+        $RUN sample.py --dataset_name=ms_coco --model_path="${EXP:-0}" --seeds='0-29999' --batch=32
+    fi
     ;;
 sample)
     # 50k images for FID from the latest snapshot of experiment EXP

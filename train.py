@@ -85,7 +85,7 @@ def check_options(opts, world_size):
     if not opts.is_second_stage and not opts.dataset_name and not opts.model_path:
         raise click.BadParameter("give --dataset_name (a built-in backbone) or --model_path (an EDM-format .pkl)",
                                  param_hint="--dataset_name")
-    if opts.model_path and not os.path.isfile(opts.model_path) and "://" not in opts.model_path:
+    if opts.model_path and not os.path.exists(opts.model_path) and "://" not in opts.model_path:
         raise click.BadParameter(f"no such file: {opts.model_path}", param_hint="--model_path")
     batch_gpu = opts.batch_gpu or opts.batch // max(world_size, 1)
     if opts.batch % world_size != 0 or batch_gpu == 0 or (opts.batch // world_size) % batch_gpu != 0:
@@ -147,7 +147,8 @@ def _bool(name, default, text):
               type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True)
 @_bool("--use_step_condition", False, "SFD-v: one model for num_steps 4..7 via a step-condition embedding")
 @_bool("--is_second_stage", False, "Second stage: distil a first-stage snapshot (--model_path) to 1 NFE")
-@click.option("--model_path", help="Second stage: a first-stage snapshot. First stage: any EDM-format .pkl",
+@click.option("--model_path", help="Second stage: a first-stage snapshot. First stage: any EDM-format .pkl, or with "
+              "an LDM/SD --dataset_name its CompVis checkpoint or diffusers folder",
               metavar="PATH", type=str, default=None)
 @click.option("--guidance_type", help="Guidance of LDM/SD backbones", type=click.Choice(["cfg", "uncond"]),
               default=None)

@@ -17,7 +17,7 @@ import dnnlib
 from torch_utils import persistence
 
 from .edm import load_state_strict
-from .registry import get_backbone
+from .registry import BACKBONES, get_backbone
 from .snapshot import NETWORK_CLASSES, load_snapshot
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +44,11 @@ def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_c
     """
     if dataset_name is None and model_path is None:
         raise ValueError("load_network: give dataset_name (a table entry) or model_path (a .pkl or snapshot file)")
+    row = BACKBONES.get(dataset_name)
+    if row is not None and row.family in _SELF_LOCATING and (model_path is None or not _is_ours(model_path)):
+        # Families that find their own files (LDM zips, SD files/folders); model_path = that family's checkpoint.
+        net, settings = _FAMILY_BUILDERS[row.family](row, model_path, use_step_condition, cache_root)
+        return _finish(net, settings, dataset_name, "pretrained", settings.get("model_path") or model_path, device)
     if model_path is None:
         row = get_backbone(dataset_name)
         path = _backbone_file(row, cache_root)
@@ -95,10 +100,19 @@ def _build_edm(row, path, use_step_condition):
 
 # Backbone family -> builder(row, path, use_step_condition) -> (net, settings). LDM / SD add theirs.
 _FAMILY_BUILDERS = {"edm": _build_edm}
+# Families whose builder locates its own files: builder(row, model_path or None, use_step_condition, cache_root).
+_SELF_LOCATING = set()
 
 
-def register_family(family, builder):
+def register_family(family, builder, finds_files=False):
     _FAMILY_BUILDERS[family] = builder
+    if finds_files:
+        _SELF_LOCATING.add(family)
+
+
+def _is_ours(path):
+    """An SFD snapshot or an EDM pickle (which the generic code below reads for every family)."""
+    return os.path.isfile(path) and _sniff(path) in ("snapshot", "pickle")
 
 
 def _pretrained_settings(dataset_name, sigma_min, sigma_max, use_step_condition, path):

@@ -27,6 +27,7 @@ class Backbone:
     url: str = None             # download source, or None when `path` is given
     path: str = None            # repo-relative file shipped with the code (used instead of a download)
     description: str = ""
+    extra_urls: dict = field(default_factory=dict)  # other downloads the family needs (name -> URL)
 
     def __post_init__(self):
         if (self.url is None) == (self.path is None):
@@ -64,6 +65,39 @@ BACKBONES = {
              "EDM ADM, ImageNet 64x64, class-conditional"),
     )
 }
+
+
+# Latent-space backbones (loader family 'latent', models/latent/): configuration in models/configs/{config}.yaml.
+# sigma_max = sigma(t=1) of each model's own discrete schedule; sigma_min as in the paper (0.006 LDM, 0.1 SD).
+# URLs as in the paper's torch_utils/download_util.py; SD v1.5 also from its maintained mirror.
+LDM_FILES = "https://ommer-lab.com/files/latent-diffusion"
+CLIP_L14 = "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main"
+
+
+def _ldm(dataset_name, archive, description):
+    return Backbone(dataset_name=dataset_name, family="latent", file_name="model.ckpt", url=f"{LDM_FILES}/{archive}",
+                    resolution=64, channels=3, label_dim=0, sigma_min=0.006, sigma_max=83.82249324131595,
+                    network_class="LatentDiffusionPrecond", network_kwargs=dict(config=dataset_name),
+                    extra_urls={"vq-f4": f"{LDM_FILES}/vq-f4.zip"}, description=description)
+
+
+BACKBONES.update((row.dataset_name, row) for row in (
+    _ldm("lsun_bedroom_ldm", "lsun_bedrooms.zip", "LDM-VQ-4, LSUN bedrooms 256x256 (64x64x3 latents), unconditional"),
+    _ldm("ffhq_ldm", "ffhq.zip", "LDM-VQ-4, FFHQ 256x256 (64x64x3 latents), unconditional"),
+    Backbone(dataset_name="ms_coco", family="latent", file_name="v1-5-pruned-emaonly.ckpt",
+             url="https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.ckpt",
+             resolution=64, channels=4, label_dim=0, sigma_min=0.1, sigma_max=14.614641489691586,
+             network_class="TextToImagePrecond", network_kwargs=dict(config="ms_coco", guidance_rate=7.5),
+             extra_urls={
+                 "mirror": "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"
+                           "v1-5-pruned-emaonly.ckpt",
+                 "tokenizer_vocab": f"{CLIP_L14}/vocab.json",
+                 "tokenizer_merges": f"{CLIP_L14}/merges.txt",
+                 "captions": "https://github.com/boomb0om/text2image-benchmark/releases/download/v0.0.1/"
+                             "MS-COCO_val2014_30k_captions.csv",
+             },
+             description="Stable Diffusion v1.5, 512x512 (64x64x4 latents), CLIP ViT-L/14 text, classifier-free guidance"),
+))
 
 
 def register_backbone(row):

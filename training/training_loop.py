@@ -46,6 +46,15 @@ def solver_options(sampler_tea, max_order, predict_x0, lower_order_final):
     return opts
 
 
+def resolve_guidance(net, guidance_type, dataset_name):
+    """A backbone with its own guidance (LDM: 'uncond', SD: 'cfg') must train with that --guidance_type."""
+    own = getattr(net, "guidance_type", None)
+    if own is None or guidance_type == own or (own == "uncond" and guidance_type is None):
+        return own or guidance_type
+    hint = " --guidance_rate=W (e.g. 7.5; sampling uses it)" if own == "cfg" else ""
+    raise ValueError(f"{dataset_name or 'this backbone'} needs --guidance_type={own}{hint}, got {guidance_type!r}")
+
+
 def _peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -138,6 +147,7 @@ def training_loop(
         )
     if rank == 0:
         dist.barrier()
+    guidance_type = resolve_guidance(loaded.net, guidance_type, loaded.dataset_name)
     if callable(run_dir):
         run_dir = run_dir()
     net = loaded.net

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Issue 8: every throughput measurement on one GPU, in priority order, within a fixed time budget.
+#
+#   OUT=/some/folder bash benchmarks/run_gpu.sh      # default OUT: ./bench-out
+#
+# Writes $OUT/bench.jsonl (one JSON line per benchmark run) and $OUT/bench.log (environment, full output).
+# Sized for < 5 minutes on an H100: each run gets at most its own cap and never more than what is left of
+# BUDGET_S seconds; a run that fails or times out is logged and the next one starts.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./bench-out}
+BUDGET_S=${BUDGET_S:-280}
+mkdir -p "$OUT"
+JSON="$OUT/bench.jsonl"
+LOG="$OUT/bench.log"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv 2>&1
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+    git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null | head -20
+} >>"$LOG" 2>&1
+
+run() {  # run CAP_S SCRIPT ARGS...
+    local cap=$1; shift
+    local left=$((BUDGET_S - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "== SKIPPED (budget spent): $*" | tee -a "$LOG"
+        return
+    fi
+    [ "$cap" -gt "$left" ] && cap=$left
+    echo "== [t=${SECONDS}s, cap ${cap}s] $PY $*" | tee -a "$LOG"
+    timeout --signal=INT --kill-after=10 "$cap" $PY "$@" --json "$JSON" >>"$LOG" 2>&1
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        echo "== FAILED rc=$rc: $*" | tee -a "$LOG"
+    fi
+}
+
+B=benchmarks
+# Training: the paper's setting (batch 128, mixed precision, 2-NFE recipe), then fp32, then SFD-v.
+run 75 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=2
+# Sampling: fp32 as sample.py runs, PNG writing off and on.
+run 45 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=both
+# FID features: fp32 as fid.py runs.
+run 35 $B/bench_fid.py --batch=256 --batches=20 --warmup=3
+run 80 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=1 --no-fp16
+run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --fp16
+run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --cudnn_benchmark
+run 30 $B/bench_fid.py --batch=256 --batches=20 --warmup=3 --channels_last --cudnn_benchmark
+run 60 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=1.5 --use_step_condition
+
+echo "== done in ${SECONDS}s; results: $JSON" | tee -a "$LOG"
+$PY - "$JSON" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    s = r["settings"]
+    if r["bench"] == "train":
+        print(f"train  fp16={s['mixed_precision']!s:5} step_cond={s['use_step_condition']!s:5} "
+              f"{r['s_per_kimg']:.3f} s/kimg {r['tflops']:.1f} TFLOP/s peak {r['peak_mem_gb']:.2f} GB")
+    elif r["bench"] == "sample":
+        print(f"sample fp16={s['fp16']!s:5} cudnn_bm={s['cudnn_benchmark']!s:5} png off "
+              f"{r.get('img_per_s_png_off', float('nan')):.0f} img/s, png on {r.get('img_per_s_png_on', float('nan')):.0f} img/s")
+    else:
+        print(f"fid    channels_last={s['channels_last']!s:5} {r['img_per_s']:.0f} img/s "
+              f"({r['tflops'] or float('nan'):.1f} TFLOP/s) [{s['detector'][:40]}]")
+PY

@@ -1,0 +1,87 @@
+"""Stable Diffusion's frozen text encoder (CLIP ViT-L/14, transformers' CLIPTextModel) and the MS-COCO captions.
+
+Prompts become the encoder's last hidden state over 77 tokens padded with the end token, as CompVis'
+FrozenCLIPEmbedder does. The tokenizer is read from local `vocab.json` + `merges.txt` (never from the hub
+at run time).
+"""
+
+import csv
+import os
+
+import torch
+
+from .checkpoints import take_strict, text_name
+
+
+def build_text_encoder(cfg):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        max_position_embeddings=cfg["max_position_embeddings"], hidden_act=cfg.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=cfg.get("layer_norm_eps", 1e-5), bos_token_id=cfg.get("bos_token_id", 49406),
+        eos_token_id=cfg.get("eos_token_id", 49407), pad_token_id=cfg.get("pad_token_id", 1))
+    return CLIPTextModel(config)
+
+
+def load_text_weights(encoder, found, source):
+    """Copy `found` (keys relative to the CLIPTextModel, with or without `text_model.`) into `encoder`, strictly.
+
+    The `position_ids` buffer is saved by some transformers versions and not by others: it may be absent on
+    either side, and when both have it the encoder keeps its own 0..76 (some SD files store it as floats).
+    """
+    own = {text_name(k): k for k in encoder.state_dict()}
+    expected = {name: tuple(encoder.state_dict()[key].shape) for name, key in own.items()}
+    found = {text_name(k): v for k, v in found.items()}
+    expected.setdefault("embeddings.position_ids", tuple(found.get("embeddings.position_ids", torch.zeros(0)).shape))
+    taken = take_strict(expected, found, source, "text encoder", optional=("embeddings.position_ids",))
+    taken.pop("embeddings.position_ids", None)
+    target = encoder.state_dict()
+    with torch.no_grad():
+        for name, value in taken.items():
+            target[own[name]].copy_(value)
+
+
+class PromptEncoder:
+    """Tokenizer + frozen CLIP text encoder: list of prompts -> [B, 77, width] float32 embeddings."""
+
+    def __init__(self, encoder, tokenizer_dir, max_length):
+        from transformers import CLIPTokenizer
+
+        vocab, merges = (os.path.join(tokenizer_dir, name) for name in ("vocab.json", "merges.txt"))
+        for path in (vocab, merges):
+            if not os.path.isfile(path):
+                raise ValueError(f"tokenizer file {path} is missing (a CLIP tokenizer needs vocab.json and merges.txt)")
+        # from_pretrained on a local folder reads the same files under every transformers version (the
+        # constructor's keyword names changed between them); local_files_only: never the hub.
+        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.max_length = max_length
+
+    def modules(self):
+        return [self.encoder]
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        device = next(self.encoder.parameters()).device
+        tokens = self.tokenizer(list(prompts), truncation=True, max_length=self.max_length, padding="max_length",
+                                return_tensors="pt")["input_ids"].to(device)
+        return self.encoder(input_ids=tokens).last_hidden_state.float()
+
+
+def read_captions(path):
+    """The 'text' column of the MS-COCO 30k caption CSV (text2image-benchmark), in file order."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "text" not in reader.fieldnames:
+                raise ValueError(f"{path} has no 'text' column (columns: {reader.fieldnames})")
+            captions = [row["text"] for row in reader]
+    except OSError as e:
+        raise ValueError(f"cannot read the caption file {path}: {e}") from None
+    if not captions:
+        raise ValueError(f"the caption file {path} has no rows")
+    return captions

@@ -1,0 +1,283 @@
+"""The latent-diffusion U-Net (Rombach et al. 2022) with CompVis' parameter names, plus SFD-v's step layers.
+
+One class covers both backbones SFD distils in latent space:
+  - the unconditional LDM U-Net of the LSUN-bedroom / FFHQ checkpoints: "legacy" self-attention blocks
+    (`norm`, fused `qkv`, `proj_out`) whose fused qkv is laid out head by head;
+  - the Stable Diffusion v1 U-Net: cross-attention "spatial transformers" fed the CLIP text embedding.
+
+Module names and nesting follow CompVis' `openaimodel.UNetModel` (input_blocks.i.j, middle_block, output_blocks,
+in_layers/emb_layers/out_layers, ...), so `model.diffusion_model.*` of a released checkpoint loads by name,
+with no renaming and no splitting of the fused qkv. Weights start from PyTorch's default init; released
+checkpoints overwrite everything but SFD-v's layers.
+
+SFD-v (SFD paper, "variable NFEs"): with `use_step_condition=True` the step number goes through the same
+sinusoidal embedding as the timestep and an MLP `nfe_embed`, and every ResBlock adds `emb_nfe_layers(emb_nfe)`
+next to its timestep term, as in the paper's code (names included).
+"""
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+STEP_LAYER_NAMES = ("nfe_embed", "emb_nfe_layers")
+
+
+def is_step_layer_key(key):
+    """True for a state_dict key of an SFD-v step layer of this U-Net."""
+    return any(part in STEP_LAYER_NAMES for part in key.split("."))
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional or negative) timesteps, cosines first as in LDM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """Group normalisation computed in float32 whatever the activation dtype (as LDM does)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+def normalization(channels):
+    return GroupNorm32(32, channels)
+
+
+class ResBlock(nn.Module):
+    """Residual block; h = conv(act(norm(x))) + emb term (+ step term), then a second conv. No scale-shift
+    norm: none of the configurations SFD uses turns it on."""
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_step_condition=False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        if use_step_condition:
+            self.emb_nfe_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x, emb, emb_nfe=None):
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if emb_nfe is not None:
+            h = h + self.emb_nfe_layers(emb_nfe).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """LDM's legacy self-attention: one 1x1 conv gives qkv laid out as [head][q|k|v][channel]."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x, *unused):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        length = qkv.shape[-1]
+        # Per head first, then q/k/v within the head (the "legacy" order of the released weights).
+        q, k, v = qkv.reshape(b * self.num_heads, 3 * c // self.num_heads, length).chunk(3, dim=1)
+        h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = self.proj_out(h.transpose(1, 2).reshape(b, c, length))
+        return (x + h).reshape(b, c, *spatial)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim, heads, dim_head, context_dim=None, dropout=0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b, n, inner = q.shape
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, inner // self.heads).transpose(1, 2) for t in (q, k, v))
+        h = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(h.transpose(1, 2).reshape(b, n, inner))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, heads, dim_head, context_dim, dropout=0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, dim_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim=context_dim, dropout=dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Stable Diffusion's cross-attention block over the feature map (1x1-conv projections)."""
+
+    def __init__(self, channels, heads, dim_head, depth, context_dim):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x, context):
+        b, c, height, width = x.shape
+        h = self.proj_in(self.norm(x))
+        h = h.reshape(b, h.shape[1], height * width).transpose(1, 2)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = h.transpose(1, 2).reshape(b, -1, height, width)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class TimestepSequential(nn.Sequential):
+    """Runs its layers in order, giving each the inputs it takes (emb for ResBlocks, context for transformers)."""
+
+    def forward(self, x, emb, context=None, emb_nfe=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb, emb_nfe)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class LatentUNet(nn.Module):
+    """CompVis' UNetModel for the configurations SFD loads (keyword names as in the CompVis YAML configs)."""
+
+    def __init__(self, in_channels, out_channels, model_channels, num_res_blocks, attention_resolutions,
+                 channel_mult=(1, 2, 4, 8), dropout=0.0, num_heads=-1, num_head_channels=-1,
+                 use_spatial_transformer=False, transformer_depth=1, context_dim=None, legacy=True,
+                 use_step_condition=False):
+        # `legacy` only changed how CompVis derived the head width; for every configuration here the heads
+        # come out as num_heads (or channels // num_head_channels), each channels // heads wide.
+        super().__init__()
+        if use_spatial_transformer != (context_dim is not None):
+            raise ValueError("LatentUNet: a spatial transformer needs context_dim, and context_dim needs one")
+        if (num_heads == -1) == (num_head_channels == -1):
+            raise ValueError("LatentUNet: set exactly one of num_heads and num_head_channels")
+        self.model_channels = model_channels
+        self.use_step_condition = use_step_condition
+        emb_dim = model_channels * 4
+
+        def attention(ch):
+            heads = num_heads if num_head_channels == -1 else ch // num_head_channels
+            if not use_spatial_transformer:
+                return AttentionBlock(ch, heads)
+            return SpatialTransformer(ch, heads, ch // heads, transformer_depth, context_dim)
+
+        def resblock(ch_in, ch_out):
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_step_condition=use_step_condition)
+
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if use_step_condition:
+            self.nfe_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))])
+        skip_channels, ch, ds = [model_channels], model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [resblock(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [resblock(ch + skip_channels.pop(), mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
+
+    def forward(self, x, timesteps, context=None, step_condition=None):
+        """x [B, C, H, W]; timesteps [B] (fractional allowed); context [B, L, D] or None; step_condition [B] or None."""
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        emb_nfe = None
+        if step_condition is not None and self.use_step_condition:
+            emb_nfe = self.nfe_embed(timestep_embedding(step_condition, self.model_channels))
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb, context, emb_nfe)
+            skips.append(h)
+        h = self.middle_block(h, emb, context, emb_nfe)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, emb_nfe)
+        return self.out(h)

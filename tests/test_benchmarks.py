@@ -1,0 +1,106 @@
+"""The benchmark scripts run in their CPU mode and report what they promise (numbers are not judged)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import click
+import pytest
+import torch
+
+import solvers
+from tests.conftest import ROOT
+
+
+def run_script(name, *args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", SFD_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0]), proc.stdout
+
+
+def check_env(result):
+    env = result["env"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["device_name"]
+
+
+def test_bench_train_tiny(tmp_path):
+    json_path = tmp_path / "out" / "bench.jsonl"
+    r, stdout = run_script("bench_train.py", "--tiny", "--device=cpu", "--batch=4", "--warmup_kimg=0.004",
+                           "--kimg=0.008", "--json", str(json_path), cwd=tmp_path)
+    assert r["bench"] == "train"
+    check_env(r)
+    s = r["settings"]
+    assert s["network"] == "tiny" and s["batch"] == 4 and s["mixed_precision"] is False
+    assert s["warmup_kimg"] == pytest.approx(0.004) and s["measured_kimg"] == pytest.approx(0.008)
+    # The probes saw the recipe's network calls: DPM-Solver++ over (M+1)(N-1)+1 = 13 points, AFS student.
+    assert r["teacher_forwards_per_traj"] == solvers.nfe_of("dpmpp", 13) == 12
+    assert r["student_fwdbwd_per_traj"] == solvers.nfe_of("euler", 4, afs=True) == 2
+    assert r["flops_per_traj"] == pytest.approx(r["flops_per_forward"] * (12 + 3 * 2))
+    assert r["s_per_kimg"] > 0 and r["tflops"] == pytest.approx(r["flops_per_traj"] * 1000 / r["s_per_kimg"] / 1e12)
+    assert r["peak_mem_gb"] > 0 and r["peak_mem_kind"] == "cpu_max_rss"
+    phases = [r[f"{k}_s_per_kimg"] for k in ("teacher", "student_forward", "optimizer")]
+    assert all(p > 0 for p in phases) and sum(phases) < r["s_per_kimg"]
+    assert "s/kimg" in stdout and "TFLOP/s = F*(T + 3*S)" in stdout and "peak memory" in stdout
+    assert json.loads(json_path.read_text().splitlines()[-1]) == r
+
+
+def test_bench_sample_tiny(tmp_path):
+    r, stdout = run_script("bench_sample.py", "--tiny", "--device=cpu", "--batch=3", "--batches=2", "--warmup=1",
+                           cwd=tmp_path)
+    assert r["bench"] == "sample"
+    check_env(r)
+    s = r["settings"]
+    assert (s["solver"], s["num_steps"], s["afs"], s["nfe"], s["batch"]) == ("euler", 4, True, 2, 3)
+    assert r["img_per_s_png_off"] > 0 and r["img_per_s_png_on"] > 0
+    assert r["tflops_png_off"] == pytest.approx(r["flops_per_forward"] * 2 * r["img_per_s_png_off"] / 1e12)
+    assert r["pngs_written"] == (1 + 2) * 3  # warm-up and measured batches of the PNG-on pass
+    assert r["latents_ms_per_batch"] > 0
+    assert "PNG off" in stdout and "PNG on" in stdout
+    assert not list(tmp_path.iterdir())  # PNGs went to a temporary folder that is gone
+
+
+def test_bench_fid_tiny(tmp_path):
+    r, stdout = run_script("bench_fid.py", "--tiny", "--device=cpu", "--channels=1", cwd=tmp_path)
+    assert r["bench"] == "fid"
+    check_env(r)
+    assert r["settings"]["detector"].startswith("random-weight InceptionV3")
+    assert r["feature_dim"] == 2048 and r["features_finite"] is True
+    assert r["img_per_s"] > 0 and r["flops_per_image"] == pytest.approx(11.42e9, rel=0.01)
+    assert "img/s" in stdout
+
+
+def test_flop_formula_matches_a_counted_training_iteration(tmp_path):
+    """F·(T + 3·S) against FlopCounterMode over one real iteration (teacher, student forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks import common
+    from torch_utils.persistence import save_edm_pickle
+    from training.training_loop import training_loop
+
+    net = common.build_edm(tiny=True)
+    x = torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution])
+    per_forward = common.forward_flops(lambda: net(x, torch.ones(2)), batch=2)
+    save_edm_pickle(str(tmp_path / "t.pkl"), {"ema": net})
+    batch = 2
+    with FlopCounterMode(display=False) as counter:
+        training_loop(model_path=str(tmp_path / "t.pkl"), batch_size=batch, total_kimg=(batch - 0.5) / 1000,
+                      device="cpu", progress=False)
+    counted = counter.get_total_flops() / batch
+    assert counted == pytest.approx(per_forward * (12 + 3 * 2), rel=0.05)
+
+
+def test_loop_kwargs_are_checked_against_training_loop():
+    from benchmarks.bench_train import parse_loop_kwargs
+    from training.training_loop import training_loop
+
+    assert parse_loop_kwargs(["fp16=false", "seed=3", "schedule_type=logsnr"], training_loop) == dict(
+        fp16=False, seed=3, schedule_type="logsnr")
+    with pytest.raises(click.BadParameter, match="no keyword"):
+        parse_loop_kwargs(["no_such_option=1"], training_loop)
+    with pytest.raises(click.BadParameter, match="NAME=VALUE"):
+        parse_loop_kwargs(["fp16"], training_loop)
