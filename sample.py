@@ -34,6 +34,7 @@ import dnnlib
 import solvers
 from torch_utils import distributed as dist
 from torch_utils.cli import CommandError
+from training.precision import RunMode, maybe_compile, prepare_module
 
 SOLVER_OPTION_NAMES = ("max_order", "predict_x0", "lower_order_final")
 
@@ -216,6 +217,11 @@ def _optional_bool(name, text, default=None):
 @click.option("--sigma_max", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
 @click.option("--fid_ref", help="Compute FID in-process against these statistics (NPZ or URL)", metavar="NPZ")
 @click.option("--detector", help="Feature network for --fid_ref  [default: NVIDIA Inception-v3]", metavar="PATH")
+@click.option("--precision", help="fp32 (as the paper samples), fp16 (EDM's use_fp16) or bf16 (autocast); mixed "
+              "precision applies on CUDA only", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              show_default=True)
+@_optional_bool("--channels_last", "Channels-last memory format  [default: False]", False)
+@_optional_bool("--compile", "torch.compile the network (fixed batch shapes compile once)  [default: False]", False)
 @click.option("--device", help="Device  [default: cuda if available]", metavar="STR", type=str)
 def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     opts = dnnlib.EasyDict(opts)
@@ -247,6 +253,9 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         raise click.BadParameter(f"the model was built for {loaded.dataset_name!r}, not {opts.dataset_name!r}",
                                  param_hint="--dataset_name")
     net = loaded.net
+    mode = RunMode(opts.precision, device, [net])
+    prepare_module(net, channels_last=opts.channels_last)
+    net_fn = maybe_compile(net, opts.compile)
     cfg = resolve_sampling(loaded, opts)
     if cfg.guidance_rate is not None and hasattr(net, "guidance_rate"):
         net.guidance_rate = cfg.guidance_rate
@@ -290,8 +299,8 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         prompts = None
         if captions is not None or opts.prompt is not None:
             prompts = [opts.prompt] * len(batch_seeds) if opts.prompt is not None else captions(batch_seeds)
-        with torch.no_grad():
-            images = to_uint8(generate(net, cfg, batch_seeds, device, prompts=prompts))
+        with torch.no_grad(), mode.autocast():
+            images = to_uint8(generate(net_fn, cfg, batch_seeds, device, prompts=prompts).float())
         if fid is not None:
             fid.add_images(images)
         if not save_images:

@@ -156,6 +156,12 @@ def _bool(name, default, text):
               type=float, default=0.0, show_default=True)
 @_bool("--lpips", True, "Second stage, EDM backbones: add the LPIPS term on the last step (needs piq + weights)")
 @_bool("--fp16", True, "Mixed precision on CUDA (falls back to fp32 if the loss turns NaN); ignored on CPU")
+@click.option("--precision", help="Override --fp16: fp16 (EDM's use_fp16, as the paper), bf16 (autocast) or fp32",
+              type=click.Choice(["fp16", "bf16", "fp32"]), default=None)
+@_bool("--channels_last", False, "Run the networks in channels-last memory format")
+@_bool("--compile", False, "torch.compile the teacher and student calls (fixed shapes; first iteration compiles)")
+@click.option("--teacher_batch", help="Teacher trajectories per call; > --batch-gpu groups accumulation rounds  "
+              "[default: batch-gpu]", metavar="INT", type=click.IntRange(min=1), default=None)
 @click.option("--seed", help="Random seed  [default: random]", metavar="INT", type=int, default=None)
 @click.option("--desc", help="String appended to the experiment folder name", metavar="STR", type=str, default=None)
 @click.option("--nosubdir", help="Write into --outdir itself instead of a numbered sub-folder", is_flag=True)
@@ -212,7 +218,8 @@ def main(**kwargs):
         schedule_rho=opts.schedule_rho, guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate,
         batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, lr=opts.lr, seed=opts.seed,
         kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, lpips=opts.lpips,
-        fp16=opts.fp16, cudnn_benchmark=opts.bench, world_size=dist.get_world_size(), device=str(device),
+        fp16=opts.fp16, precision=opts.precision, channels_last=opts.channels_last, compile=opts.compile,
+        teacher_batch=opts.teacher_batch, cudnn_benchmark=opts.bench, world_size=dist.get_world_size(), device=str(device),
     )
     run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc)
     return run_training(c, run_dir, dry_run=opts.dry_run, nosubdir=opts.nosubdir)

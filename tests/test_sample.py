@@ -179,3 +179,19 @@ def test_two_torchrun_processes_write_the_same_pngs(snapshot, tmp_path):
                        timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert digests(one) == digests(tmp_path / "two") and len(digests(one)) == 9
+
+
+def test_speed_switches_keep_the_images(snapshot, tmp_path):
+    import numpy as np
+    import PIL.Image
+
+    _, run = snapshot
+    snap = str(run / "network-snapshot-000020.safetensors")
+    assert run_sample("--model_path", snap, "--seeds", "0-5", "--outdir", str(tmp_path / "plain")).exit_code == 0
+    r = run_sample("--model_path", snap, "--seeds", "0-5", "--outdir", str(tmp_path / "fast"), "--channels_last",
+                   "--precision", "bf16")  # bf16 is armed on CUDA only: on the CPU this is the fp32 path
+    assert r.exit_code == 0, r.output
+    for name in digests(tmp_path / "plain"):
+        a = np.asarray(PIL.Image.open(tmp_path / "plain" / name), dtype=int)
+        b = np.asarray(PIL.Image.open(tmp_path / "fast" / name), dtype=int)
+        assert np.abs(a - b).max() <= 1, name

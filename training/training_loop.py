@@ -21,6 +21,7 @@ from models import load_network, save_snapshot
 from torch_utils import distributed as dist
 from training import sfd_loss
 from training import state as train_state
+from training.precision import RunMode, maybe_compile, prepare_module
 from training.perceptual import PerceptualLoss
 
 SNAPSHOT_SETTINGS = (
@@ -94,7 +95,11 @@ def training_loop(
     snapshot_ticks=None,  # None: one snapshot at the end
     state_dump_ticks=None,
     lpips=True,
-    fp16=True,  # mixed precision on CUDA; "always" also arms the NaN fallback elsewhere (used by tests)
+    fp16=True,  # mixed precision on CUDA; "always" also arms it on the CPU (used by tests)
+    precision=None,  # 'fp16' (EDM's use_fp16, the paper), 'bf16' (autocast) or 'fp32'; None: from fp16
+    channels_last=False,
+    compile=False,  # torch.compile the teacher and student calls
+    teacher_batch=None,  # teacher trajectories per call (all accumulation rounds at once when larger); None: batch_gpu
     cudnn_benchmark=True,
     cache_root="./src",
     resume_state=None,  # a training-state dump to continue from (same run folder)
@@ -153,7 +158,6 @@ def training_loop(
     net = loaded.net
     model_source = loaded.settings.get("model_source", "edm")
     sigma_min, sigma_max = teacher_cfg.sigma_min, teacher_cfg.sigma_max
-    use_mixed = fp16 == "always" or bool(fp16 and device.type == "cuda")
 
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
     if use_step_condition and not is_second_stage:
@@ -162,9 +166,9 @@ def training_loop(
     for module in (net, teacher):
         if hasattr(module, "guidance_rate"):
             module.guidance_rate = 1.0  # SD trains on the conditional prediction only; sampling uses guidance_rate
+    mode = RunMode(precision or ("fp16" if fp16 else "fp32"), device, (net, teacher), armed_on_cpu=fp16 == "always")
     for module in (net, teacher):
-        if hasattr(module, "use_fp16"):
-            module.use_fp16 = use_mixed
+        prepare_module(module, channels_last=channels_last)
     dist.print0(f"Parameters: {sum(p.numel() for p in net.parameters()):,} | batch {batch_size} = "
                 f"{batch_gpu} per round × {num_rounds} rounds × {world} ranks | device {device}")
 
@@ -186,11 +190,13 @@ def training_loop(
 
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
     ddp = net
+    teacher_fn = maybe_compile(teacher, compile)
     if dist.is_distributed():
         dist.broadcast_module(net)
         ddp = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
             find_unused_parameters=True)
+    student_fn = maybe_compile(ddp, compile)
 
     fixed_schedule = sfd_loss.make_distill_schedule(num_steps, M, sigma_min, sigma_max, schedule_type,
                                                     schedule_rho, net=teacher, device=device)
@@ -205,7 +211,8 @@ def training_loop(
         optimizer.load_state_dict(state["optimizer"])  # carries the current LR, i.e. the LR phase
         cur_nimg, cur_tick = state["cur_nimg"], state["cur_tick"]
         train_state.restore_step_rng(step_rng, state["step_rng"])
-        use_mixed = use_mixed and state["use_mixed"]
+        if not state["use_mixed"]:
+            mode.fall_back_to_fp32()
         if len(state["rank_rng"]) == world:
             train_state.restore_rng(state["rank_rng"][rank], device)
         if run_dir:
@@ -226,10 +233,8 @@ def training_loop(
                    bar_format="{l_bar}{bar}| {n:.1f}/{total} kimg [{elapsed}<{remaining}]{postfix}")
 
     while True:
-        if use_mixed and nonfinite.item():  # one host sync per iteration, and only under mixed precision
-            use_mixed = False
-            for module in (net, teacher):
-                module.use_fp16 = False
+        if mode.mixed and nonfinite.item():  # one host sync per iteration, and only under mixed precision
+            mode.fall_back_to_fp32()
             dist.print0("NaN loss under mixed precision: continuing in fp32.")
 
         # SFD-v: a fresh student length (and matching teacher density) each iteration.
@@ -250,9 +255,9 @@ def training_loop(
         conds = [(None, None)] * num_rounds
         if hasattr(net, "draw_conditions"):
             conds = [net.draw_conditions(batch_gpu, device) for _ in range(num_rounds)]
-        targets = [sfd_loss.teacher_trajectory(teacher, latents[k], schedule, teacher_cfg, class_labels=labels[k],
-                                               condition=conds[k][0], unconditional_condition=conds[k][1])
-                   for k in range(num_rounds)]
+        with mode.autocast():
+            targets = batched_teacher(teacher_fn, latents, labels, conds, schedule, teacher_cfg,
+                                      teacher_batch or batch_gpu)
         x = [latents[k] * schedule.t_steps[0] for k in range(num_rounds)]
 
         for i in range(cur_steps - 1):
@@ -262,10 +267,11 @@ def training_loop(
                 sync = (k == num_rounds - 1) or not dist.is_distributed()
                 ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
-                    with torch.set_grad_enabled(update):
-                        out = sfd_loss.student_step(ddp, x[k], schedule, i, afs, class_labels=labels[k],
+                    with torch.set_grad_enabled(update), mode.autocast():
+                        out = sfd_loss.student_step(student_fn, x[k], schedule, i, afs, class_labels=labels[k],
                                                     condition=conds[k][0], unconditional_condition=conds[k][1],
                                                     step_condition=step_condition)
+                        out = out.float()
                         loss = sfd_loss.l1_loss(out, targets[k][i])
                         if perceptual is not None and i == cur_steps - 2:
                             # The paper adds the batch-mean LPIPS to every element of the L1 map.
@@ -302,7 +308,7 @@ def training_loop(
         eta = sec_per_kimg * (total_kimg - cur_nimg / 1000)
         stats = dict(tick=cur_tick, kimg=cur_nimg / 1000, sec_per_kimg=sec_per_kimg,
                      total_sec=time.time() - start_time, peak_mem_gb=_peak_memory_gb(device),
-                     lr=optimizer.param_groups[0]["lr"], fp16=use_mixed,
+                     lr=optimizer.param_groups[0]["lr"], fp16=mode.mixed, precision=mode.precision,
                      loss={f"step{i}": v for i, (v, n) in enumerate(zip(per_step, seen)) if n > 0})
         loss_text = " ".join(f"{v:.4f}" for v, n in zip(per_step, seen) if n > 0)
         line = (f"tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} loss/step [{loss_text}] sec/kimg "
@@ -336,7 +342,7 @@ def training_loop(
                 train_state.save_training_state(
                     os.path.join(run_dir, f"training-state-{cur_nimg // 1000:06d}.pt"), net=net,
                     optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick, step_rng=step_rng,
-                    use_mixed=use_mixed, rank_rng=rank_rng)
+                    use_mixed=mode.mixed, rank_rng=rank_rng)
             dist.barrier()
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         if done:
@@ -346,6 +352,27 @@ def training_loop(
         bar.close()
     dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {_format_time(time.time() - start_time)}.")
     return dnnlib.EasyDict(net=net, teacher=teacher, settings=settings, run_dir=run_dir, kimg=cur_nimg / 1000)
+
+
+def batched_teacher(teacher, latents, labels, conds, schedule, cfg, teacher_batch):
+    """Teacher targets per accumulation round, computed `teacher_batch` trajectories per call.
+
+    Every solver step treats samples independently (DPM-Solver++'s thresholding is per sample), so grouping
+    rounds changes nothing but the speed: fewer, larger teacher calls keep the GPU busy.
+    """
+    sizes = [len(z) for z in latents]
+    if teacher_batch <= sizes[0] or any(c != (None, None) for c in conds):
+        return [sfd_loss.teacher_trajectory(teacher, latents[k], schedule, cfg, class_labels=labels[k],
+                                            condition=conds[k][0], unconditional_condition=conds[k][1])
+                for k in range(len(latents))]
+    all_latents = torch.cat(latents)
+    all_labels = None if labels[0] is None else torch.cat(labels)
+    parts = []
+    for start in range(0, len(all_latents), teacher_batch):
+        chunk_labels = None if all_labels is None else all_labels[start:start + teacher_batch]
+        parts.append(sfd_loss.teacher_trajectory(teacher, all_latents[start:start + teacher_batch], schedule, cfg,
+                                                 class_labels=chunk_labels))
+    return list(torch.cat(parts, dim=1).split(sizes, dim=1))
 
 
 def check_ranks_in_sync(net):

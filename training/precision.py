@@ -1,0 +1,61 @@
+"""How the teacher and student networks run on the device: the speed switches of the training loop.
+
+- precision 'fp16': EDM's own `use_fp16` (the U-Net casts its activations to float16) — what the paper runs.
+- precision 'bf16': torch.autocast to bfloat16 around every network call (no loss scaling needed).
+- precision 'fp32': plain float32, the reference path.
+Mixed precision is only armed on CUDA (or when a test forces it). A non-finite loss switches the run to fp32
+for good (SPEC §5). `channels_last` and `compile` change how the same numbers are computed, not which.
+"""
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+class RunMode:
+    def __init__(self, precision, device, modules, armed_on_cpu=False):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = device
+        self.modules = list(modules)
+        armed = device.type == "cuda" or armed_on_cpu
+        self.precision = precision if armed else "fp32"
+        self._apply()
+
+    @property
+    def mixed(self):
+        return self.precision != "fp32"
+
+    def _apply(self):
+        for module in self.modules:
+            if hasattr(module, "use_fp16"):
+                module.use_fp16 = self.precision == "fp16"
+
+    def autocast(self):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def fall_back_to_fp32(self):
+        self.precision = "fp32"
+        self._apply()
+
+
+def prepare_module(module, channels_last=False):
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def maybe_compile(fn, enabled):
+    """torch.compile a callable network (the module itself stays the one that is saved and synced).
+
+    `enabled` may name a torch.compile backend (e.g. 'aot_eager', which the CPU tests use to trace the same
+    graphs without generating kernels); True means the default backend (inductor).
+    """
+    if not enabled:
+        return fn
+    backend = enabled if isinstance(enabled, str) else "inductor"
+    return torch.compile(fn, dynamic=False, backend=backend)
