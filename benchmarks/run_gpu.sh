@@ -42,6 +42,9 @@ run() {  # run CAP_S SCRIPT ARGS...
 B=benchmarks
 # Training: the paper's setting (batch 128, mixed precision, 2-NFE recipe), then fp32, then SFD-v.
 run 75 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=2
+# The fast path: bf16 autocast + channels-last + torch.compile (the first iterations compile, hence the warm-up).
+run 150 $B/bench_train.py --batch=128 --warmup_kimg=1.5 --kimg=2 --loop_kwarg precision=bf16 \
+    --loop_kwarg channels_last=true --loop_kwarg compile=true
 # Sampling: fp32 as sample.py runs, PNG writing off and on.
 run 45 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=both
 # FID features: fp32 as fid.py runs.
@@ -59,7 +62,8 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     s = r["settings"]
     if r["bench"] == "train":
-        print(f"train  fp16={s['mixed_precision']!s:5} step_cond={s['use_step_condition']!s:5} "
+        fast = ",".join(f"{k}={s[k]}" for k in ("precision", "channels_last", "compile") if k in s)
+        print(f"train  fp16={s['mixed_precision']!s:5} step_cond={s['use_step_condition']!s:5} {fast} "
               f"{r['s_per_kimg']:.3f} s/kimg {r['tflops']:.1f} TFLOP/s peak {r['peak_mem_gb']:.2f} GB")
     elif r["bench"] == "sample":
         print(f"sample fp16={s['fp16']!s:5} cudnn_bm={s['cudnn_benchmark']!s:5} png off "
