@@ -72,7 +72,14 @@ def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_c
             settings = dict(settings, use_step_condition=True)
         return _finish(net, settings, settings.get("dataset_name", dataset_name), "snapshot", model_path, device)
     if kind == "pickle":
-        record = _ema_record(model_path)
+        data = persistence.load_edm_pickle(model_path)
+        if _is_paper_snapshot(data):
+            net, settings = _build_paper_snapshot(data["model"], model_path)
+            if dataset_name is not None and settings["dataset_name"] != dataset_name:
+                raise ValueError(f"{model_path} was distilled for dataset_name={settings['dataset_name']!r}, "
+                                 f"not {dataset_name!r}")
+            return _finish(net, settings, settings["dataset_name"], "paper_snapshot", model_path, device)
+        record = _ema_record(model_path, data)
         sigma_min, sigma_max = DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX
         if dataset_name is not None:
             row = get_backbone(dataset_name)
@@ -141,12 +148,48 @@ def _sniff(path):
     return None
 
 
-def _ema_record(path):
-    data = persistence.load_edm_pickle(path)
+def _ema_record(path, data=None):
+    data = persistence.load_edm_pickle(path) if data is None else data
     record = data.get("ema")
     if not isinstance(record, persistence.PersistentRecord):
         raise ValueError(f"{path} has no EDM network under 'ema' (keys: {', '.join(map(str, data))})")
     return record
+
+
+def _is_paper_snapshot(data):
+    record = data.get("model")
+    return isinstance(record, persistence.ObjectRecord) and record.class_name == f"{persistence.PAPER_MODULE}.EDMPrecond"
+
+
+def _build_paper_snapshot(record, path):
+    """A network distilled by the paper's own code: {'model': EDMPrecond} with its settings in `training_kwargs`.
+
+    The paper's classes always carry the step layers (used only by SFD-v); the architecture is the table row
+    of the recorded dataset_name. LDM/SD snapshots of the paper's code hold a whole LDM and are not read.
+    """
+    from .edm import is_step_layer_key
+
+    kwargs = dict(record.state.get("training_kwargs") or {})
+    dataset_name = kwargs.get("dataset_name")
+    if dataset_name is None:
+        raise ValueError(f"{path} looks like a snapshot of the paper's code but records no training_kwargs/dataset_name")
+    row = get_backbone(dataset_name)
+    if row.family != "edm":
+        raise ValueError(f"{path}: reading the paper's {dataset_name} snapshots is not supported (EDM backbones only)")
+    use_step_condition = bool(kwargs.get("use_step_condition"))
+    with torch.random.fork_rng(devices=[]):
+        net = NETWORK_CLASSES[row.network_class](**dict(row.interface_kwargs(), use_step_condition=use_step_condition))
+    tensors = persistence.record_tensors(record)
+    if not use_step_condition:
+        tensors = {k: v for k, v in tensors.items() if not is_step_layer_key(k)}  # present but never used
+    load_state_strict(net, tensors, source=path)
+    settings = {k: v for k, v in kwargs.items() if k != "class_name"}
+    settings.setdefault("model_source", "edm")
+    settings.update(sigma_min=float(kwargs.get("sigma_min", row.sigma_min)),
+                    sigma_max=float(kwargs.get("sigma_max", row.sigma_max)), use_step_condition=use_step_condition)
+    if use_step_condition and not kwargs.get("is_second_stage"):
+        settings["step_condition_range"] = [4, 7]
+    return net, settings
 
 
 def _with_step_layers(net, source):

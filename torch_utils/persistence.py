@@ -97,6 +97,13 @@ def _reconstruct_persistent_obj(meta):
 _RECORDED_CLASSES = {
     f"torch.nn.modules.container.{name}" for name in ("ModuleDict", "ModuleList", "Sequential", "ParameterDict", "ParameterList")
 }
+# The paper's code (zju-pi/diff-sampler, sfd-main) saves its distilled networks as plain pickles of its
+# models.networks_edm classes; they are read as inert records too and rebuilt as our classes by the loader.
+PAPER_MODULE = "models.networks_edm"
+_RECORDED_CLASSES |= {
+    f"{PAPER_MODULE}.{name}" for name in ("EDMPrecond", "SongUNet", "DhariwalUNet", "UNetBlock", "Linear", "Conv2d",
+                                          "GroupNorm", "PositionalEmbedding", "FourierEmbedding")
+}
 _record_classes = {}
 
 

@@ -128,7 +128,7 @@ def training_loop(
     if is_second_stage:
         loaded = load_network(model_path=model_path, device=device, cache_root=cache_root)
         first = loaded.settings
-        if loaded.source != "snapshot" or "num_steps" not in first:
+        if loaded.source not in ("snapshot", "paper_snapshot") or "num_steps" not in first:
             raise ValueError(f"--model_path {model_path}: the second stage needs a first-stage SFD/SFD-v snapshot")
         if dataset_name and loaded.dataset_name and dataset_name != loaded.dataset_name:
             raise ValueError(f"--model_path was distilled from {loaded.dataset_name!r}, not --dataset_name "
