@@ -1,15 +1,4 @@
-"""Turn Fashion-MNIST into an EDM-style dataset: a zip (or folder) of PNGs plus `dataset.json` labels.
-
-Examples:
-
-\b
-# The 60k training images, 32x32 grayscale (28x28 padded by 2 black pixels), from the Debian package
-# dataset-fashion-mnist when it is installed, else downloaded once into ./src/fmnist/
-python dataset_tool.py fmnist --dest=datasets/fmnist-32x32.zip
-
-\b
-# The 10k test images, from idx files in a folder of your own
-python dataset_tool.py fmnist --source=path/to/idx --split=test --dest=datasets/fmnist-test-32x32.zip
+"""Make EDM-style datasets (a zip or folder of PNGs + `dataset.json` labels); today: Fashion-MNIST.
 
 The layout is EDM's (`NVlabs/edm` dataset_tool.py): image i is `{i:08d}`[:5]/img{i:08d}.png, and
 `dataset.json` holds {"labels": [[file name, class index], ...]}, so EDM's ImageFolderDataset and our
@@ -173,7 +162,17 @@ def write_dataset(dest, images, labels):
 
 @click.group()
 def main():
-    """Make EDM-style datasets (zip or folder of PNGs + dataset.json labels)."""
+    """Make EDM-style datasets (zip or folder of PNGs + dataset.json labels).
+
+    \b
+    # The 60k Fashion-MNIST training images, 32x32 grayscale (28x28 padded by 2 black pixels), from
+    # the Debian package dataset-fashion-mnist when installed, else downloaded once into ./src/fmnist/
+    python dataset_tool.py fmnist --dest=datasets/fmnist-32x32.zip
+
+    \b
+    # The 10k test images, from idx files in a folder of your own
+    python dataset_tool.py fmnist --source=path/to/idx --split=test --dest=datasets/fmnist-test-32x32.zip
+    """
 
 
 @main.command()

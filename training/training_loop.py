@@ -230,7 +230,7 @@ def training_loop(
         from tqdm import tqdm
 
         bar = tqdm(total=total_kimg, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True, leave=False,
-                   bar_format="{l_bar}{bar}| {n:.1f}/{total} kimg [{elapsed}<{remaining}]{postfix}")
+                   bar_format="{l_bar}{bar}| {n:.3g}/{total:g} kimg [{elapsed}<{remaining}]{postfix}")
 
     while True:
         if mode.mixed and nonfinite.item():  # one host sync per iteration, and only under mixed precision
