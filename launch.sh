@@ -11,6 +11,7 @@
 #   bash launch.sh sample_v   # 50k images from an SFD-v experiment at NUM_STEPS (default 4)
 #   bash launch.sh fid        # FID of IMAGES against REF
 #   bash launch.sh prdc       # precision/recall/density/coverage of IMAGES against IMAGES_REF
+#   bash launch.sh fmnist     # the built-in Fashion-MNIST teacher on the CPU: distil, grid, FID (= quickstart.sh)
 #
 # Environment: GPUS (default 4), DATASET (default cifar10), EXP, MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF, PROMPT.
 # "num_steps" counts time points (steps + 1); AFS saves the first network call, so num_steps=4 with AFS is 2 NFE.
@@ -86,7 +87,11 @@ prdc)
     : "${IMAGES:?set IMAGES=path/to/generated/images}" "${IMAGES_REF:?set IMAGES_REF=path/to/reference/images}"
     python prdc.py calc --images="$IMAGES" --images_ref="$IMAGES_REF"
     ;;
+fmnist)
+    # Offline, CPU: distil the shipped teacher to 2 NFE, sample a grid and print FID with the shipped detector.
+    bash quickstart.sh
+    ;;
 *)
-    sed -n '2,16p' "$0"
+    sed -n '2,17p' "$0"
     ;;
 esac

@@ -132,3 +132,10 @@ def write_atomic(path, text):
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def default_file_mode(path):
+    """Give a file made by tempfile.mkstemp (mode 0600) the permissions a plain open() would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -135,6 +135,7 @@ def save_ref(path, mu, sigma):
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        dnnlib.util.default_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -106,7 +106,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 f"mixed image sizes in {self.path}: {self.name(i)} is {_fmt(arr.shape)} but "
                 f"{self.name(0)} is {_fmt(ref)}; all images must have the same size and channels"
             )
-        return torch.from_numpy(arr)
+        return torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
 
 
 def _fmt(chw):

@@ -17,6 +17,8 @@ import tempfile
 
 import torch
 
+import dnnlib
+
 from .precond import EDM_PRECOND_CLASSES
 
 FORMAT_NAME = "sfd-snapshot"
@@ -58,6 +60,7 @@ def save_snapshot(path, net, settings):
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        dnnlib.util.default_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -125,6 +125,9 @@ def test_pretrained_sampling_with_any_solver_and_option_errors(tiny_teacher_pkl,
     r = run_sample("--model_path", pkl, "--solver", "heun", "--num_steps", "4", "--seeds", "0",
                    "--outdir", str(tmp_path / "heun"))
     assert r.exit_code == 0 and "NFE 6" in r.output, r.output
+    r = run_sample("--model_path", pkl, "--solver", "heun", "--num_steps", "18", "--denoise_to_zero", "--seeds", "0",
+                   "--outdir", str(tmp_path / "heun35"))
+    assert r.exit_code == 0 and "NFE 35" in r.output, r.output  # EDM's Heun-35
 
 
 def test_distilled_snapshot_rejects_solver_and_num_steps(snapshot, tmp_path):

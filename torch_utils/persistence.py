@@ -312,6 +312,7 @@ def save_edm_pickle(path, data):
     try:
         with os.fdopen(fd, "wb") as f:
             _EDMPickler(f, protocol=4).dump(data)
+        dnnlib.util.default_file_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
