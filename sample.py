@@ -219,6 +219,8 @@ def _optional_bool(name, text, default=None):
 @click.option("--schedule_rho", help="Pre-trained models only: schedule exponent", metavar="FLOAT", type=float)
 @click.option("--sigma_min", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
 @click.option("--sigma_max", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
+@click.option("--captions", help="ms_coco: a local MS-COCO 30k caption CSV instead of the download (same as the "
+              "SFD_COCO_CAPTIONS environment variable)", metavar="CSV", type=str, default=None)
 @click.option("--fid_ref", help="Compute FID in-process against these statistics (NPZ or URL)", metavar="NPZ")
 @click.option("--detector", help="Feature network for --fid_ref  [default: NVIDIA Inception-v3]", metavar="PATH")
 @click.option("--precision", help="fp32 (as the paper samples), fp16 (EDM's use_fp16) or bf16 (autocast); mixed "
@@ -230,6 +232,10 @@ def _optional_bool(name, text, default=None):
 def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     opts = dnnlib.EasyDict(opts)
     device = dist.init(opts.device)
+    if opts.captions is not None:
+        if not os.path.isfile(opts.captions):
+            raise click.BadParameter(f"no such file: {opts.captions}", param_hint="--captions")
+        os.environ["SFD_COCO_CAPTIONS"] = os.path.abspath(opts.captions)  # read by models/latent/loading.py
     from models import load_network
 
     model_path = opts.model_path

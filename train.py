@@ -162,6 +162,8 @@ def _bool(name, default, text):
 @_bool("--compile", False, "torch.compile the teacher and student calls (fixed shapes; first iteration compiles)")
 @click.option("--teacher_batch", help="Teacher trajectories per call; > --batch-gpu groups accumulation rounds  "
               "[default: batch-gpu]", metavar="INT", type=click.IntRange(min=1), default=None)
+@click.option("--captions", help="ms_coco: a local MS-COCO 30k caption CSV instead of the download (same as the "
+              "SFD_COCO_CAPTIONS environment variable)", metavar="CSV", type=str, default=None)
 @click.option("--seed", help="Random seed  [default: random]", metavar="INT", type=int, default=None)
 @click.option("--desc", help="String appended to the experiment folder name", metavar="STR", type=str, default=None)
 @click.option("--nosubdir", help="Write into --outdir itself instead of a numbered sub-folder", is_flag=True)
@@ -194,6 +196,10 @@ def main(**kwargs):
                                  param_hint="--dataset_name")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_options(opts, world_size)
+    if opts.captions is not None:
+        if not os.path.isfile(opts.captions):
+            raise click.BadParameter(f"no such file: {opts.captions}", param_hint="--captions")
+        os.environ["SFD_COCO_CAPTIONS"] = os.path.abspath(opts.captions)  # read by models/latent/loading.py
 
     device = dist.init(opts.device)
     if opts.seed is None:

@@ -186,6 +186,16 @@ def test_sfd_training_and_sampling_end_to_end(tmp_path, installed, parts, monkey
     assert a.shape == b.shape == (16, 16, 3)
     assert not np.array_equal(a, b)  # same seed, different text: the caption of row 1 was used
 
+    # --captions: a local caption file (row = seed) instead of the cached download.
+    monkeypatch.delenv("SFD_COCO_CAPTIONS", raising=False)  # the CLI sets it; restored after the test
+    with open("mine.csv", "w") as f:
+        f.write("image_id,id,text\n0,1,a red bus\n1,2,a red bus\n")
+    local = CliRunner().invoke(sample.main, ["--model_path", "0", "--seeds", "0-1", "--batch", "2", "--device", "cpu",
+                                             "--outdir", "local", "--captions", "mine.csv"])
+    assert local.exit_code == 0, local.output
+    c = np.asarray(PIL.Image.open("local/000000/000001.png"))
+    assert not np.array_equal(b, c)
+
 
 @pytest.mark.gpu
 def test_autocast_on_cuda_stays_close_to_fp32(installed):
