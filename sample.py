@@ -241,11 +241,12 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     model_path = opts.model_path
     if model_path is not None and re.fullmatch(r"\d+", model_path):
         model_path = latest_snapshot(model_path, opts.exps_dir)
-    elif model_path is not None and os.path.isdir(model_path):
+    elif model_path is not None and os.path.isdir(model_path) and not os.path.isfile(
+            os.path.join(model_path, "model_index.json")):  # a diffusers SD folder is a model, not an experiment
         model_path = latest_snapshot_in(model_path)
     if model_path is None and opts.dataset_name is None:
         raise click.BadParameter("give --model_path or --dataset_name", param_hint="--model_path")
-    if model_path is not None and not os.path.isfile(model_path):
+    if model_path is not None and not os.path.exists(model_path):
         raise click.BadParameter(f"no such file: {model_path}", param_hint="--model_path")
     if not save_images and not opts.fid_ref:
         raise click.BadParameter("--no-save without --fid_ref would produce nothing", param_hint="--save")
@@ -253,8 +254,7 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     try:
         if dist.get_rank() != 0:
             dist.barrier()
-        loaded = load_network(dataset_name=None if model_path else opts.dataset_name, model_path=model_path,
-                              device=device)
+        loaded = load_network(dataset_name=opts.dataset_name, model_path=model_path, device=device)
         if dist.get_rank() == 0:
             dist.barrier()
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError) as e:

@@ -208,3 +208,16 @@ def test_autocast_on_cuda_stays_close_to_fp32(installed):
         net.use_fp16 = True
         half = net(x, sigma, condition=cond, unconditional_condition=uncond)
     assert half.dtype == torch.float32 and (half - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_sample_py_samples_a_pretrained_diffusers_folder(tmp_path, installed, parts, monkeypatch):
+    import sample
+
+    monkeypatch.chdir(tmp_path)
+    folder = write_diffusers_folder(str(tmp_path / "sd-diffusers"), TINY_SD, parts)
+    r = CliRunner().invoke(sample.main, ["--dataset_name", NAME, "--model_path", folder, "--solver", "euler",
+                                         "--num_steps", "3", "--schedule_type", "discrete", "--seeds", "0-1",
+                                         "--prompt", "the cat", "--device", "cpu", "--outdir", "out"])
+    assert r.exit_code == 0, r.output
+    assert "NFE 4" in r.output  # 2 Euler steps, both guidance halves
+    assert len(glob.glob("out/*/*.png")) == 2
