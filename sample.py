@@ -98,9 +98,8 @@ def to_uint8(images):
 def save_png(array_hwc, path):
     """Atomic PNG write: a crash never leaves a truncated image behind."""
     mode = "L" if array_hwc.shape[2] == 1 else "RGB"
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    PIL.Image.fromarray(array_hwc[:, :, 0] if mode == "L" else array_hwc, mode).save(tmp)
-    os.replace(tmp, path)
+    with dnnlib.util.atomic_path(path) as tmp:
+        PIL.Image.fromarray(array_hwc[:, :, 0] if mode == "L" else array_hwc, mode).save(tmp, format="PNG")
 
 
 def image_grid(images_uint8):
@@ -176,7 +175,7 @@ def generate(net, cfg, seeds, device, prompts=None):
         net, latents, class_labels=class_labels, condition=condition, unconditional_condition=unconditional,
         num_steps=cfg.num_steps, sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, schedule_type=cfg.schedule_type,
         schedule_rho=cfg.schedule_rho, afs=cfg.afs, step_condition=cfg.step_condition,
-        denoise_to_zero=cfg.denoise_to_zero, **cfg.options)
+        denoise_to_zero=cfg.get("denoise_to_zero", False), **cfg.options)
     if hasattr(net, "decode_latents"):
         x = net.decode_latents(x)
     return x

@@ -9,7 +9,6 @@ an EDM-format pickle (float32, key 'ema') that `models.load_network(model_path=.
 
 import json
 import os
-import tempfile
 import time
 
 import click
@@ -54,15 +53,8 @@ def ema_beta(batch, cur_nimg, halflife_kimg, rampup_ratio):
 
 
 def atomic_torch_save(obj, path):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".state.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with dnnlib.util.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Batches:

@@ -4,6 +4,7 @@ Downloads never happen twice: a file already present in the cache folder is used
 With no network the error names the file, the URL and the folder to place it in, within seconds.
 """
 
+import contextlib
 import importlib
 import os
 import tempfile
@@ -126,12 +127,31 @@ def tee_stdout(path):
     sys.stdout = _Tee(sys.stdout, open(path, "a", encoding="utf-8"))
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path` to write to; on success it is renamed to `path`, on failure removed.
+
+    Readers (and a crashed run's successor) see the old file or the complete new one, never a truncated one.
+    Temporaries are named `.{name}.*.tmp`, which a resumed training run cleans up.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        default_file_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_atomic(path, text):
-    """Write a text file through a temporary name and a rename: readers see the old or the new file, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write a text file atomically (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def default_file_mode(path):

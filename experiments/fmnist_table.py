@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import click
-import numpy as np
 import torch
 
 import solvers
@@ -115,7 +114,7 @@ def main(teacher, detector, ref, num, kimg, batch, lr, sample_batch, reference_s
     t0 = time.time()
     endpoint = run_sampler(net, "heun", seeds, sample_batch, device, num_steps=reference_steps, **sig)
     print(f"reference: Heun {2 * reference_steps - 1} NFE in {time.time() - t0:.0f}s", flush=True)
-    add(f"Teacher, Heun (reference)", 2 * reference_steps - 1, endpoint)
+    add("Teacher, Heun (reference)", 2 * reference_steps - 1, endpoint)
 
     for nfe in (10, 50):
         add("DDIM (Euler)", nfe, run_sampler(net, "euler", seeds, sample_batch, device, num_steps=nfe + 1, **sig))

@@ -7,7 +7,6 @@ and processes merge by summing; mean and unbiased covariance come out at the end
 """
 
 import os
-import tempfile
 
 import numpy as np
 import scipy.linalg
@@ -129,18 +128,8 @@ def load_ref(npz_or_url, cache_dir="./src/metrics"):
 
 def save_ref(path, mu, sigma):
     """Write mu/sigma to an .npz atomically (a temporary file in the same folder, then rename)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-        dnnlib.util.default_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with dnnlib.util.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 class StreamingFID:

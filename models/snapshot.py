@@ -12,8 +12,6 @@ in the table) and loads the tensors strictly, so no code from the file can run.
 """
 
 import json
-import os
-import tempfile
 
 import torch
 
@@ -54,18 +52,8 @@ def save_snapshot(path, net, settings):
         raise ValueError(f"save_snapshot: settings and init_kwargs must be JSON-serialisable ({e})") from None
     tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in net.state_dict().items()}
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with dnnlib.util.atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        dnnlib.util.default_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def read_snapshot_metadata(path):

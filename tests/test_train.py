@@ -208,7 +208,7 @@ def test_sfdv_snapshot_samples_at_every_num_steps_and_second_stage_runs(tmp_path
 
 def test_second_stage_with_lpips_offline_fails_clearly(tmp_path, tiny_teacher_pkl):
     pkl, _ = tiny_teacher_pkl
-    r = run_train(tmp_path / "a", pkl)
+    assert run_train(tmp_path / "a", pkl).exit_code == 0
     snap = glob.glob(str(tmp_path / "a" / "00000-*" / "network-snapshot-*.safetensors"))[0]
     r2 = CliRunner().invoke(train.main, ["--outdir", str(tmp_path / "b"), "--model_path", snap,
                                          "--is_second_stage", "True", "--num_steps", "3", "--M", "2", *TINY_RUN])

@@ -26,7 +26,6 @@ import io
 import os
 import pickle
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -307,14 +306,5 @@ def save_edm_pickle(path, data):
         raise ValueError("save_edm_pickle: data must be a dict such as {'ema': net}")
     data = {key: copy.deepcopy(value).cpu().eval().requires_grad_(False) if isinstance(value, torch.nn.Module) else value
             for key, value in data.items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _EDMPickler(f, protocol=4).dump(data)
-        dnnlib.util.default_file_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with dnnlib.util.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _EDMPickler(f, protocol=4).dump(data)

@@ -15,6 +15,8 @@ import re
 import numpy as np
 import torch
 
+import dnnlib
+
 DUMP_PATTERN = "training-state-*.pt"
 
 
@@ -44,9 +46,8 @@ def save_training_state(path, *, net, optimizer, cur_nimg, cur_tick, step_rng, u
         use_mixed=bool(use_mixed),
         rank_rng=rank_rng,
     )
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with dnnlib.util.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_training_state(path):
@@ -81,10 +82,7 @@ def trim_stats(stats_path, kimg):
                 continue  # a line cut short by the kill
             if entry.get("kimg", float("inf")) <= kimg + 1e-9:
                 kept.append(json.dumps(entry) + "\n")
-    tmp = f"{stats_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, stats_path)
+    dnnlib.util.write_atomic(stats_path, "".join(kept))
 
 
 def remove_stale_temporaries(run_dir):
