@@ -14,7 +14,7 @@ echo "== 1/4 install"
 python -m pip install -q -r requirements.txt
 
 echo "== 2/4 distil the built-in teacher to 2 NFE (num_steps=4 with AFS), ${KIMG} kimg"
-python train.py --dataset_name=fmnist --outdir="$OUT" --total_kimg="$KIMG" --batch=32 --lr=5e-4 \
+python train.py --dataset_name=fmnist --outdir="$OUT" --total_kimg="$KIMG" --batch=16 --lr=3e-4 \
     --num_steps=4 --M=3 --afs=True --sampler_tea=dpmpp --max_order=3 --predict_x0=True --lower_order_final=True \
     --schedule_type=polynomial --schedule_rho=7 --tick=1 --seed=0
 RUN=$(ls -d "$OUT"/*-fmnist-4-2-* | tail -n 1)

@@ -89,7 +89,7 @@ def distil(teacher_path, outdir, kimg, batch, device, seed, **options):
 @click.option("--lr2", help="Second-stage learning rate  [default: --lr; the paper uses 10x its first-stage lr]",
               type=float, default=None)
 @click.option("--sample_batch", type=int, default=500, show_default=True)
-@click.option("--reference_steps", help="Heun time points of the converged reference (NFE = 2N-1)", type=int,
+@click.option("--reference_steps", help="Heun time points of the converged reference (NFE = 2(N-1))", type=int,
               default=51, show_default=True)
 @click.option("--workdir", default="./exps/fmnist-table", show_default=True)
 @click.option("--out", help="Markdown table to write", default=os.path.join(REPO, "experiments", "fmnist_table.md"),
@@ -118,8 +118,9 @@ def main(teacher, detector, ref, num, kimg, batch, lr, lr2, sample_batch, refere
 
     t0 = time.time()
     endpoint = run_sampler(net, "heun", seeds, sample_batch, device, num_steps=reference_steps, **sig)
-    print(f"reference: Heun {2 * reference_steps - 1} NFE in {time.time() - t0:.0f}s", flush=True)
-    add("Teacher, Heun (reference)", 2 * reference_steps - 1, endpoint)
+    ref_nfe = solvers.nfe_of("heun", reference_steps)
+    print(f"reference: Heun {ref_nfe} NFE in {time.time() - t0:.0f}s", flush=True)
+    add("Teacher, Heun (reference)", ref_nfe, endpoint)
 
     for nfe in (10, 50):
         add("DDIM (Euler)", nfe, run_sampler(net, "euler", seeds, sample_batch, device, num_steps=nfe + 1, **sig))
@@ -146,7 +147,7 @@ def main(teacher, detector, ref, num, kimg, batch, lr, lr2, sample_batch, refere
                                            step_condition=3, **sig), secs_2 + secs_v)
 
     lines = [f"Fashion-MNIST 32×32 teacher, {num} samples per row, FID with our detector against the training set, "
-             f"PSNR to the Heun-{2 * reference_steps - 1} endpoint from the same latents. Machine: {machine}. "
+             f"PSNR to the Heun-{solvers.nfe_of('heun', reference_steps)} endpoint from the same latents. Machine: {machine}. "
              f"Distillation: {kimg:g} kimg per SFD model (SFD-v {2 * kimg:g}), batch {batch}, lr {lr:g} "
              f"(second stage {lr2 or lr:g}, from the SFD-v model, LPIPS off), M=3, DPM-Solver++(3M) teacher, AFS.", "",
              "| method | NFE | FID | PSNR (dB) | distillation time |", "|---|---|---|---|---|"]

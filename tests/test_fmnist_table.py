@@ -15,7 +15,7 @@ def test_table_script_fills_every_row(tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in open(tmp_path / "work" / "rows.jsonl")]
     methods = [(row["method"], row["nfe"]) for row in rows]
-    assert methods == [("Teacher, Heun (reference)", 5), ("DDIM (Euler)", 10), ("DDIM (Euler)", 50),
+    assert methods == [("Teacher, Heun (reference)", 4), ("DDIM (Euler)", 10), ("DDIM (Euler)", 50),
                        ("DPM-Solver++(3M)", 5), ("DPM-Solver++(3M)", 10)] + [("SFD", n) for n in (2, 3, 4, 5)] + [
                           ("SFD-v (one model)", n) for n in (2, 3, 4, 5)] + [("SFD second stage", 1)]
     assert rows[0]["psnr"] > 90  # the reference against itself
