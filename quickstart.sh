@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Offline quickstart on the built-in Fashion-MNIST teacher (assets/): install, distil it to 2 NFE on the CPU,
-# sample a grid, and print FID — no download. About 10 minutes on 2 CPU cores.
+# sample a grid, and print FID — no download. Under 10 minutes on 2 CPU cores.
 #
 #   bash quickstart.sh                 # KIMG=… (distillation length), OUT=… (experiment folder) to change
 set -euo pipefail
 cd "$(dirname "$0")"
 
-KIMG=${KIMG:-6}
+KIMG=${KIMG:-4}
 OUT=${OUT:-exps/quickstart}
 REF="--fid_ref=assets/fmnist-train-ref.npz --detector=assets/fmnist-detector.pt"
 
