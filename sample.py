@@ -36,7 +36,7 @@ from torch_utils import distributed as dist
 from torch_utils.cli import CommandError
 from training.precision import RunMode, maybe_compile, prepare_module
 
-SOLVER_OPTION_NAMES = ("max_order", "predict_x0", "lower_order_final")
+SOLVER_OPTION_NAMES = ("max_order", "predict_x0", "lower_order_final", "thresholding")
 
 
 def parse_int_list(text):
@@ -151,6 +151,7 @@ def resolve_sampling(loaded, opts):
     if solver != "dpmpp":
         options.pop("predict_x0", None)
         options.pop("lower_order_final", None)
+        options.pop("thresholding", None)
     if solver not in ("dpmpp", "ipndm"):
         options.pop("max_order", None)
     return dnnlib.EasyDict(
@@ -210,6 +211,7 @@ def _optional_bool(name, text, default=None):
 @_optional_bool("--afs", "Pre-trained models only: analytical first step  [default: False]")
 @click.option("--max_order", help="Pre-trained models only: multistep order", metavar="INT", type=int)
 @_optional_bool("--predict_x0", "Pre-trained models only: DPM-Solver++ data prediction")
+@_optional_bool("--thresholding", "Pre-trained models only: DPM-Solver++ dynamic thresholding  [default: True]")
 @_optional_bool("--lower_order_final", "Pre-trained models only: DPM-Solver++ lower final orders")
 @_optional_bool("--denoise_to_zero", "Pre-trained models only: one last network call from sigma_min to 0 (EDM's "
                 "Heun 35 NFE = --num_steps 18 with this)  [default: False]", False)

@@ -141,6 +141,8 @@ def _bool(name, default, text):
               metavar="INT", type=int, default=None)
 @_bool("--predict_x0", True, "DPM-Solver++: data-prediction formulation")
 @_bool("--lower_order_final", True, "DPM-Solver++: lower the order on the final steps")
+@_bool("--thresholding", True, "DPM-Solver++: dynamic thresholding of the teacher's data predictions, as the paper's "
+       "code always does (hurts data that sits at ±1, e.g. black backgrounds)")
 @click.option("--schedule_type", help="Time discretisation", type=click.Choice(SCHEDULES), default="polynomial",
               show_default=True)
 @click.option("--schedule_rho", help="Time step exponent (polynomial, time_uniform, discrete)", metavar="FLOAT",
@@ -220,6 +222,7 @@ def main(**kwargs):
         dataset_name=opts.dataset_name, model_path=opts.model_path, is_second_stage=opts.is_second_stage,
         use_step_condition=opts.use_step_condition, num_steps=opts.num_steps, M=opts.M, afs=opts.afs,
         sampler_tea=opts.sampler_tea, max_order=opts.max_order, predict_x0=opts.predict_x0,
+        thresholding=opts.thresholding,
         lower_order_final=opts.lower_order_final, schedule_type=opts.schedule_type,
         schedule_rho=opts.schedule_rho, guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate,
         batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, lr=opts.lr, seed=opts.seed,

@@ -27,7 +27,7 @@ SOLVER_OPTIONS = {
     "heun": {},
     "dpm": {"r": 0.5},
     "ipndm": {"max_order": 4},
-    "dpmpp": {"max_order": 3, "predict_x0": True, "lower_order_final": True},
+    "dpmpp": {"max_order": 3, "predict_x0": True, "lower_order_final": True, "thresholding": True},
 }
 
 _NFE_PER_STEP = {

@@ -75,8 +75,10 @@ def dpm_pp_order(i, num_steps, max_order, lower_order_final):
     return min(max_order, i + 1)
 
 
-def dpm_pp_rule(step, history, max_order, predict_x0, lower_order_final):
-    model = dynamic_threshold(step.denoised) if predict_x0 else step.d
+def dpm_pp_rule(step, history, max_order, predict_x0, lower_order_final, thresholding=True):
+    model = step.d
+    if predict_x0:
+        model = dynamic_threshold(step.denoised) if thresholding else step.denoised
     order = dpm_pp_order(step.i, step.num_steps, max_order, lower_order_final)
     past = tuple(reversed(history))[:order - 1]
     models = [model] + [m for m, _ in past]
@@ -87,12 +89,14 @@ def dpm_pp_rule(step, history, max_order, predict_x0, lower_order_final):
 def dpm_pp_sampler(net, latents, class_labels=None, condition=None, unconditional_condition=None, num_steps=None,
                    sigma_min=0.002, sigma_max=80, schedule_type="polynomial", schedule_rho=7, afs=False,
                    denoise_to_zero=False, return_inters=False, step_condition=None, t_steps=None, max_order=3,
-                   predict_x0=True, lower_order_final=True):
+                   predict_x0=True, lower_order_final=True, thresholding=True):
     """Multistep DPM-Solver++ of order up to max_order (1..3). predict_x0: data (True) or noise (False)
-    prediction; lower_order_final: drop the order over the last steps. Other arguments: `solvers.sampling.sample`."""
+    prediction; lower_order_final: drop the order over the last steps; thresholding: pass each data prediction
+    through dynamic thresholding, as the paper's code always does (turn it off for data that sits at ±1, e.g.
+    black backgrounds, where it shrinks every value). Other arguments: `solvers.sampling.sample`."""
     max_order = check_order("max_order", max_order, 1, 3, "dpm_pp_sampler")
     rule = functools.partial(dpm_pp_rule, max_order=max_order, predict_x0=bool(predict_x0),
-                             lower_order_final=bool(lower_order_final))
+                             lower_order_final=bool(lower_order_final), thresholding=bool(thresholding))
     return sample(rule, net, latents, class_labels, condition, unconditional_condition, num_steps, sigma_min,
                   sigma_max, schedule_type, schedule_rho, afs, denoise_to_zero, return_inters, step_condition,
                   t_steps)

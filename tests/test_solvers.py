@@ -382,6 +382,8 @@ def test_dpmpp_thresholds_every_data_estimate():
     # noise prediction keeps the raw slope
     x_eps = dpm_pp_sampler(net, latents, t_steps=[t0, t1], predict_x0=False)
     torch.testing.assert_close(x_eps, unthresholded)
+    # thresholding=False: the raw data estimate (an option; the paper's code always thresholds)
+    torch.testing.assert_close(dpm_pp_sampler(net, latents, t_steps=[t0, t1], thresholding=False), unthresholded)
 
 
 def test_dpmpp_order_schedule():

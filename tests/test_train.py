@@ -307,3 +307,17 @@ def test_compiled_calls_give_the_same_training_result(tiny_teacher_pkl):
     compiled = _loop(pkl, fp16=False, compile="aot_eager")
     for (k, a), b in zip(eager.net.state_dict().items(), compiled.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("thresholding", [True, False])
+def test_teacher_thresholding_switch_reaches_dpm_solver_pp(tiny_teacher_pkl, monkeypatch, thresholding):
+    import solvers.dpm_solver_pp as pp
+
+    pkl, _ = tiny_teacher_pkl
+    calls = []
+    real = pp.dynamic_threshold
+    monkeypatch.setattr(pp, "dynamic_threshold", lambda x0, *a, **k: calls.append(1) or real(x0, *a, **k))
+    res = _loop(pkl, thresholding=thresholding, total_kimg=0.004)
+    assert res.settings["thresholding"] is thresholding
+    assert (len(calls) == 12) is thresholding  # 13 teacher points: 12 data predictions, all thresholded or none
+    assert (len(calls) == 0) is (not thresholding)

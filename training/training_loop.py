@@ -37,13 +37,13 @@ def sfdv_teacher_M(num_steps):
     return 2 if num_steps == 3 else 3
 
 
-def solver_options(sampler_tea, max_order, predict_x0, lower_order_final):
+def solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresholding=True):
     """Options that the chosen teacher solver takes (None max_order = the solver's own default)."""
     opts = {}
     if sampler_tea in ("ipndm", "dpmpp") and max_order is not None:
         opts["max_order"] = max_order
     if sampler_tea == "dpmpp":
-        opts.update(predict_x0=predict_x0, lower_order_final=lower_order_final)
+        opts.update(predict_x0=predict_x0, lower_order_final=lower_order_final, thresholding=thresholding)
     return opts
 
 
@@ -81,6 +81,7 @@ def training_loop(
     sampler_tea="dpmpp",
     max_order=None,
     predict_x0=True,
+    thresholding=True,  # DPM-Solver++ teacher: dynamic thresholding of data predictions (the paper's code: always)
     lower_order_final=True,
     schedule_type="polynomial",
     schedule_rho=7.0,
@@ -148,7 +149,7 @@ def training_loop(
             solver=sampler_tea, schedule_type=schedule_type, schedule_rho=schedule_rho,
             sigma_min=loaded.settings["sigma_min"], sigma_max=loaded.settings["sigma_max"], afs=False,
             step_condition=None,
-            solver_options=solver_options(sampler_tea, max_order, predict_x0, lower_order_final),
+            solver_options=solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresholding),
         )
     if rank == 0:
         dist.barrier()
@@ -180,7 +181,8 @@ def training_loop(
         dataset_name=loaded.dataset_name, model_source=model_source, num_steps=num_steps, M=M, afs=afs,
         schedule_type=schedule_type, schedule_rho=schedule_rho, sigma_min=sigma_min, sigma_max=sigma_max,
         use_step_condition=use_step_condition, sampler_tea=teacher_cfg.solver, max_order=max_order,
-        predict_x0=predict_x0, lower_order_final=lower_order_final, is_second_stage=is_second_stage,
+        predict_x0=predict_x0, lower_order_final=lower_order_final, thresholding=thresholding,
+        is_second_stage=is_second_stage,
         guidance_type=guidance_type, guidance_rate=guidance_rate,
     )
     if use_step_condition and not is_second_stage:
