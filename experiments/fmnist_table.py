@@ -6,6 +6,10 @@ training-set statistics), mean PSNR to the teacher's converged ODE endpoint from
 wall time, machine. Every number is measured by this script; nothing is tuned per row.
 
     python experiments/fmnist_table.py --num 10000 --kimg 10 --out experiments/fmnist_table.md
+
+The run is resumable: the work folder keeps the settings, the reference endpoint, every finished row and every
+distilled snapshot, so running the same command again (after a crash or on another day) only computes what is
+missing; `--rows` restricts a run to some rows. A work folder made with other settings is refused.
 """
 
 import json
@@ -16,6 +20,7 @@ import tempfile
 import time
 
 import click
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +32,9 @@ from metrics.detectors import load_detector  # noqa: E402
 from metrics.frechet import StreamingFID, load_ref  # noqa: E402
 from models import load_network  # noqa: E402
 from sample import SeedGenerators, to_uint8  # noqa: E402
+from dnnlib.util import atomic_path, write_atomic  # noqa: E402
+from torch_utils.cli import CommandError  # noqa: E402
+from training.precision import maybe_compile, prepare_module  # noqa: E402
 from training.training_loop import training_loop  # noqa: E402
 
 
@@ -42,12 +50,12 @@ def latents_for(seeds, net, device):
 
 
 @torch.no_grad()
-def run_sampler(net, sampler, seeds, batch, device, **kwargs):
-    """uint8 images for the seeds, batch by batch."""
+def run_sampler(net, sampler, seeds, batch, device, fast=None, **kwargs):
+    """uint8 images for the seeds, batch by batch (`fast`: the callable to run in place of `net`)."""
     out = []
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
-        x = solvers.SOLVERS[sampler](net, latents_for(chunk, net, device), **kwargs)
+        x = solvers.SOLVERS[sampler](net if fast is None else fast, latents_for(chunk, net, device), **kwargs)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
 
@@ -68,6 +76,7 @@ def fid_of(images, detector, ref, device):
 def distil(teacher_path, outdir, kimg, batch, device, seed, **options):
     """Run SFD and return (snapshot path, wall seconds)."""
     run_dir = tempfile.mkdtemp(dir=outdir, prefix="run-")
+    print(f"distilling into {run_dir}: {kimg:g} kimg, {options}", flush=True)
     t0 = time.time()
     training_loop(run_dir=run_dir, model_path=teacher_path, batch_size=batch, total_kimg=kimg, seed=seed,
                   device=str(device), progress=True, **options)
@@ -76,11 +85,82 @@ def distil(teacher_path, outdir, kimg, batch, device, seed, **options):
     return os.path.join(run_dir, snap), seconds
 
 
+# Row keys in table order; `--rows` takes a comma-separated subset.
+ROW_KEYS = ("ref", "ddim10", "ddim50", "dpmpp5", "dpmpp10", "sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
+SFDV_NFES = (2, 3, 4, 5)
+
+
+def parse_rows(text):
+    keys = [k.strip() for k in text.split(",") if k.strip()] if text else list(ROW_KEYS)
+    unknown = [k for k in keys if k not in ROW_KEYS]
+    if unknown:
+        raise CommandError(f"--rows: unknown row {unknown[0]!r}; choose from {','.join(ROW_KEYS)}")
+    return keys
+
+
+class WorkFolder:
+    """The resumable state of one table run: settings, reference endpoint, finished rows, distilled snapshots."""
+
+    def __init__(self, path, settings):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        settings_file = os.path.join(path, "settings.json")
+        if os.path.exists(settings_file):
+            with open(settings_file) as f:
+                old = json.load(f)
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if changed:
+                k = changed[0]
+                raise CommandError(f"--workdir: {path} holds a run with {k}={old.get(k)!r}, not {settings.get(k)!r}; "
+                                   "rerun with the same settings to resume it, or pass a new --workdir")
+        else:
+            write_atomic(settings_file, json.dumps(settings, indent=2) + "\n")
+        self.rows_file = os.path.join(path, "rows.jsonl")
+        self.rows = {}
+        if os.path.exists(self.rows_file):
+            for line in open(self.rows_file):
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[(row["key"], row["nfe"])] = row
+        self.snaps_file = os.path.join(path, "snapshots.json")
+        self.snaps = json.load(open(self.snaps_file)) if os.path.exists(self.snaps_file) else {}
+
+    def has(self, key, nfe):
+        return (key, nfe) in self.rows
+
+    def add_row(self, row):
+        self.rows[(row["key"], row["nfe"])] = row
+        with open(self.rows_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    def snapshot(self, key, make):
+        """(path, seconds) of the snapshot distilled for `key`, made by `make()` the first time."""
+        if key not in self.snaps or not os.path.exists(self.snaps[key][0]):
+            self.snaps[key] = list(make())
+            write_atomic(self.snaps_file, json.dumps(self.snaps, indent=2) + "\n")
+        return self.snaps[key]
+
+    def reference(self, make):
+        """uint8 endpoint images, computed once and kept as reference.npy."""
+        path = os.path.join(self.path, "reference.npy")
+        if os.path.exists(path):
+            return torch.from_numpy(np.load(path))
+        images = make()
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, images.numpy())
+        return images
+
+
+def teacher_id(path):
+    return f"{os.path.basename(path)}:{os.path.getsize(path)}"
+
+
 @click.command()
 @click.option("--teacher", default=os.path.join(REPO, "assets", "fmnist-teacher.pkl"), show_default=True)
 @click.option("--detector", default=os.path.join(REPO, "assets", "fmnist-detector.pt"), show_default=True)
 @click.option("--ref", default=os.path.join(REPO, "assets", "fmnist-train-ref.npz"), show_default=True)
-@click.option("--num", help="Samples per row", type=int, default=10000, show_default=True)
+@click.option("--num", help="Samples per row", type=click.IntRange(min=2), default=10000, show_default=True)
 @click.option("--kimg", help="Distillation length of each SFD model (SFD-v: 2×, second stage: 1×)", type=float,
               default=10, show_default=True)
 @click.option("--batch", help="Distillation batch", type=int, default=64, show_default=True)
@@ -93,72 +173,121 @@ def distil(teacher_path, outdir, kimg, batch, device, seed, **options):
 @click.option("--sample_batch", type=int, default=500, show_default=True)
 @click.option("--reference_steps", help="Heun time points of the converged reference (NFE = 2(N-1))", type=int,
               default=51, show_default=True)
-@click.option("--workdir", default="./exps/fmnist-table", show_default=True)
+@click.option("--rows", "rows_text", help=f"Comma-separated rows to compute  [default: all: {','.join(ROW_KEYS)}]",
+              default=None)
+@click.option("--channels_last", type=bool, default=False, show_default=True,
+              help="Channels-last networks for sampling and distillation (same numbers, faster on some machines)")
+@click.option("--compile", "compile_", type=bool, default=False, show_default=True,
+              help="torch.compile the sampling and distillation calls (same numbers, ~1 min compile per network)")
+@click.option("--workdir", default="./exps/fmnist-table", show_default=True,
+              help="Resumable state of this run; rerun the same command to continue it")
 @click.option("--out", help="Markdown table to write", default=os.path.join(REPO, "experiments", "fmnist_table.md"),
               show_default=True)
 @click.option("--device", default=None)
-def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample_batch, reference_steps, workdir, out, device):
+def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample_batch, reference_steps, rows_text,
+         channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    os.makedirs(workdir, exist_ok=True)
+    wanted = parse_rows(rows_text)
+    for path, opt in ((teacher, "--teacher"), (detector, "--detector"), (ref, "--ref")):
+        if not os.path.isfile(path):
+            raise CommandError(f"{opt}: no file {path}; pass an existing file")
+    settings = dict(teacher=teacher_id(teacher), num=num, kimg=kimg, batch=batch, lr=lr, lr2=lr2 or lr,
+                    thresholding=thresholding, reference_steps=reference_steps)
+    work = WorkFolder(workdir, settings)
     loaded = load_network(model_path=teacher, device=device)
-    net, s = loaded.net, loaded.settings
+    s = loaded.settings
     sig = dict(sigma_min=s["sigma_min"], sigma_max=s["sigma_max"])
     det = load_detector(detector, device=device)
     ref_stats = load_ref(ref)
     seeds = list(range(num))
-    rows = []
     machine = machine_name(device)
-    log = open(os.path.join(workdir, "rows.jsonl"), "a")
+    speed = dict(channels_last=channels_last, compile=compile_)
 
-    def add(name, nfe, images, seconds=None):
-        row = dict(method=name, nfe=nfe, fid=fid_of(images, det, ref_stats, device), psnr=psnr(images, endpoint),
-                   distill_s=seconds, machine=machine, num=num)
-        rows.append(row)
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        print(json.dumps(row), flush=True)
+    def fast(net):
+        return maybe_compile(prepare_module(net, channels_last=channels_last), compile_)
 
-    t0 = time.time()
-    endpoint = run_sampler(net, "heun", seeds, sample_batch, device, num_steps=reference_steps, **sig)
+    def sampled(net, sampler, **kwargs):
+        return run_sampler(net, sampler, seeds, sample_batch, device, fast=fast(net), **kwargs)
+
+    teacher_net = loaded.net
+    teacher_fast = fast(teacher_net)
     ref_nfe = solvers.nfe_of("heun", reference_steps)
-    print(f"reference: Heun {ref_nfe} NFE in {time.time() - t0:.0f}s", flush=True)
-    add("Teacher, Heun (reference)", ref_nfe, endpoint)
 
+    def make_reference():
+        t0 = time.time()
+        images = run_sampler(teacher_net, "heun", seeds, sample_batch, device, fast=teacher_fast,
+                             num_steps=reference_steps, **sig)
+        print(f"reference: Heun {ref_nfe} NFE in {time.time() - t0:.0f}s", flush=True)
+        return images
+
+    endpoint = work.reference(make_reference)
+
+    def add(key, name, nfe, make_images, seconds=None):
+        if work.has(key, nfe):
+            return
+        images = make_images()
+        secs = seconds() if callable(seconds) else seconds
+        work.add_row(dict(key=key, method=name, nfe=nfe, fid=fid_of(images, det, ref_stats, device),
+                          psnr=psnr(images, endpoint), distill_s=secs, machine=machine, num=num))
+
+    def teacher_rows(key, name, nfe, sampler, **kwargs):
+        add(key, name, nfe, lambda: run_sampler(teacher_net, sampler, seeds, sample_batch, device, fast=teacher_fast,
+                                                num_steps=nfe + 1, **kwargs, **sig))
+
+    if "ref" in wanted:
+        add("ref", "Teacher, Heun (reference)", ref_nfe, lambda: endpoint)
     for nfe in (10, 50):
-        add("DDIM (Euler)", nfe, run_sampler(net, "euler", seeds, sample_batch, device, num_steps=nfe + 1, **sig))
+        if f"ddim{nfe}" in wanted:
+            teacher_rows(f"ddim{nfe}", "DDIM (Euler)", nfe, "euler")
     for nfe in (5, 10):
-        add("DPM-Solver++(3M)", nfe, run_sampler(net, "dpmpp", seeds, sample_batch, device, num_steps=nfe + 1,
-                                                  max_order=3, thresholding=thresholding, **sig))
+        if f"dpmpp{nfe}" in wanted:
+            teacher_rows(f"dpmpp{nfe}", "DPM-Solver++(3M)", nfe, "dpmpp", max_order=3, thresholding=thresholding)
 
-    common = dict(M=3, afs=True, sampler_tea="dpmpp", max_order=3, lr=lr, thresholding=thresholding)
+    common = dict(M=3, afs=True, sampler_tea="dpmpp", max_order=3, lr=lr, thresholding=thresholding, **speed)
     for nfe in (2, 3, 4, 5):
-        snap, secs = distil(teacher, workdir, kimg, batch, device, seed=nfe, num_steps=nfe + 2, **common)
-        student = load_network(model_path=snap, device=device).net
-        add("SFD", nfe, run_sampler(student, "euler", seeds, sample_batch, device, num_steps=nfe + 2, afs=True,
-                                    **sig), secs)
-    snap_v, secs_v = distil(teacher, workdir, 2 * kimg, batch, device, seed=10, num_steps=4,
-                            use_step_condition=True, **common)
-    student_v = load_network(model_path=snap_v, device=device).net
-    for nfe in (2, 3, 4, 5):
-        add("SFD-v (one model)", nfe, run_sampler(student_v, "euler", seeds, sample_batch, device, num_steps=nfe + 2,
-                                                  afs=True, step_condition=nfe + 2, **sig), secs_v)
-    snap_2, secs_2 = distil(snap_v, workdir, kimg, batch, device, seed=11, num_steps=3, M=2, afs=True,
-                            is_second_stage=True, lpips=False, lr=lr2 or lr)
-    student_2 = load_network(model_path=snap_2, device=device).net
-    add("SFD second stage", 1, run_sampler(student_2, "euler", seeds, sample_batch, device, num_steps=3, afs=True,
-                                           step_condition=3, **sig), secs_2 + secs_v)
+        key = f"sfd{nfe}"
+        if key in wanted and not work.has(key, nfe):
+            snap, secs = work.snapshot(key, lambda: distil(teacher, workdir, kimg, batch, device, seed=nfe,
+                                                           num_steps=nfe + 2, **common))
+            student = load_network(model_path=snap, device=device).net
+            add(key, "SFD", nfe, lambda: sampled(student, "euler", num_steps=nfe + 2, afs=True, **sig), secs)
 
-    lines = [f"Fashion-MNIST 32×32 teacher, {num} samples per row, FID with our detector against the training set, "
-             f"PSNR to the Heun-{solvers.nfe_of('heun', reference_steps)} endpoint from the same latents. Machine: {machine}. "
-             f"Distillation: {kimg:g} kimg per SFD model (SFD-v {2 * kimg:g}), batch {batch}, lr {lr:g} "
-             f"(second stage {lr2 or lr:g}, from the SFD-v model, LPIPS off), M=3, DPM-Solver++(3M) teacher, AFS, "
-             f"thresholding {'on' if thresholding else 'off'}.", "",
+    def sfdv_snapshot():
+        return work.snapshot("sfdv", lambda: distil(teacher, workdir, 2 * kimg, batch, device, seed=10, num_steps=4,
+                                                    use_step_condition=True, **common))
+
+    if "sfdv" in wanted and not all(work.has("sfdv", n) for n in SFDV_NFES):
+        snap_v, secs_v = sfdv_snapshot()
+        student_v = load_network(model_path=snap_v, device=device).net
+        for nfe in SFDV_NFES:
+            add("sfdv", "SFD-v (one model)", nfe, lambda: sampled(student_v, "euler", num_steps=nfe + 2, afs=True,
+                                                                   step_condition=nfe + 2, **sig), secs_v)
+    if "stage2" in wanted and not work.has("stage2", 1):
+        snap_v, secs_v = sfdv_snapshot()
+        snap_2, secs_2 = work.snapshot("stage2", lambda: distil(snap_v, workdir, kimg, batch, device, seed=11,
+                                                                num_steps=3, M=2, afs=True, is_second_stage=True,
+                                                                lpips=False, lr=lr2 or lr, **speed))
+        student_2 = load_network(model_path=snap_2, device=device).net
+        add("stage2", "SFD second stage", 1, lambda: sampled(student_2, "euler", num_steps=3, afs=True,
+                                                             step_condition=3, **sig), secs_2 + secs_v)
+
+    write_table(out, work, settings, machine)
+
+
+def write_table(out, work, settings, machine):
+    """Markdown table of every finished row in table order (rows from earlier runs of the same folder included)."""
+    st = settings
+    lines = [f"Fashion-MNIST 32×32 teacher, {st['num']} samples per row, FID with our detector against the training "
+             f"set, PSNR to the Heun-{solvers.nfe_of('heun', st['reference_steps'])} endpoint from the same latents. "
+             f"Machine: {machine}. Distillation: {st['kimg']:g} kimg per SFD model (SFD-v {2 * st['kimg']:g}), batch "
+             f"{st['batch']}, lr {st['lr']:g} (second stage {st['lr2']:g}, from the SFD-v model, LPIPS off), M=3, "
+             f"DPM-Solver++(3M) teacher, AFS, thresholding {'on' if st['thresholding'] else 'off'}.", "",
              "| method | NFE | FID | PSNR (dB) | distillation time |", "|---|---|---|---|---|"]
-    for r in rows:
+    ordered = sorted(work.rows.values(), key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
+    for r in ordered:
         t = "" if r["distill_s"] is None else f"{r['distill_s'] / 60:.1f} min"
         lines.append(f"| {r['method']} | {r['nfe']} | {r['fid']:.2f} | {r['psnr']:.2f} | {t} |")
-    with open(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
