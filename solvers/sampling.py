@@ -7,6 +7,7 @@ schedule, the analytical first step, the trajectory, denoise_to_zero and the his
 """
 
 import dataclasses
+import functools
 import numbers
 from typing import Any, Callable, Sequence, Tuple
 
@@ -73,13 +74,29 @@ def resolve_schedule(net, latents, num_steps, sigma_min, sigma_max, schedule_typ
     if t_steps is None:
         if num_steps is None:
             raise ValueError("pass num_steps (the number of time points, >= 2) or an explicit t_steps")
+        if schedule_type != "discrete":  # built once per setting: no device-to-host read in the sampling loop
+            return _built_schedule(num_steps, float(sigma_min), float(sigma_max), schedule_type, float(schedule_rho),
+                                   latents.device, time_dtype(latents))
         t_steps = get_schedule(num_steps, sigma_min, sigma_max, device=latents.device,
                                schedule_type=schedule_type, schedule_rho=schedule_rho, net=net)
     t_steps = torch.as_tensor(t_steps, dtype=time_dtype(latents), device=latents.device)
+    if num_steps is not None and t_steps.dim() == 1 and num_steps != len(t_steps):
+        raise ValueError(f"num_steps={num_steps} disagrees with len(t_steps)={len(t_steps)}; pass only one of them")
+    return check_schedule(t_steps)
+
+
+@functools.lru_cache(maxsize=64)
+def _built_schedule(num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, device, dtype):
+    """A checked schedule tensor, shared by every call with the same settings (read-only: nothing writes to it)."""
+    t_steps = get_schedule(num_steps, sigma_min, sigma_max, device=device, schedule_type=schedule_type,
+                           schedule_rho=schedule_rho)
+    return check_schedule(t_steps.to(dtype))
+
+
+def check_schedule(t_steps):
+    """t_steps itself after checking it is 1-D, at least 2 long, finite, positive and strictly decreasing."""
     if t_steps.dim() != 1 or len(t_steps) < 2:
         raise ValueError(f"t_steps must be a 1-D sequence of at least 2 noise levels, got shape {tuple(t_steps.shape)}")
-    if num_steps is not None and num_steps != len(t_steps):
-        raise ValueError(f"num_steps={num_steps} disagrees with len(t_steps)={len(t_steps)}; pass only one of them")
     if not bool(torch.isfinite(t_steps).all() and (t_steps > 0).all() and (t_steps[1:] < t_steps[:-1]).all()):
         raise ValueError("t_steps must be finite, positive and strictly decreasing; end at sigma_min > 0 and use "
                          "denoise_to_zero=True for the final jump to sigma = 0")

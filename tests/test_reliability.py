@@ -97,6 +97,25 @@ def test_nan_loss_switches_to_fp32_and_keeps_weights_finite(tiny_teacher_pkl, mo
     assert res.net.use_fp16 is False and res.teacher.use_fp16 is False
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the lagged (stall-free) NaN check")
+def test_nan_loss_on_cuda_falls_back_one_iteration_later(tiny_teacher_pkl, monkeypatch, capsys):
+    pkl, _ = tiny_teacher_pkl
+    real = sfd_loss.l1_loss
+    calls = []
+
+    def poisoned(a, b):
+        calls.append(1)
+        out = real(a, b)
+        return out * float("nan") if len(calls) == 4 else out
+
+    monkeypatch.setattr(sfd_loss, "l1_loss", poisoned)
+    res = training_loop(model_path=pkl, batch_size=4, total_kimg=0.016, seed=0, device="cuda", progress=False,
+                        lr=1e-3, kimg_per_tick=1)
+    assert "continuing in fp32" in capsys.readouterr().out
+    assert all(torch.isfinite(p).all() for p in res.net.parameters())
+    assert res.net.use_fp16 is False
+
+
 def test_non_finite_gradients_never_reach_the_weights(tiny_teacher_pkl, monkeypatch):
     pkl, _ = tiny_teacher_pkl
     seen = []

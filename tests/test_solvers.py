@@ -303,6 +303,26 @@ def test_default_schedule_path_equals_explicit_t_steps():
         torch.testing.assert_close(a, ipndm_sampler(net, latents, t_steps=t), rtol=0, atol=0)
 
 
+def test_schedule_is_built_and_checked_once_per_setting(monkeypatch):
+    """The sampling loop reads nothing back from the device per call: a setting's schedule is built (and its values
+    checked, a device-to-host read) once, then reused; a new setting builds a new one; user t_steps are checked."""
+    import solvers.sampling as sampling
+
+    sampling._built_schedule.cache_clear()
+    built = []
+    real = sampling.get_schedule
+    monkeypatch.setattr(sampling, "get_schedule", lambda *a, **k: built.append(a) or real(*a, **k))
+    net, latents = RecordingNet(), torch.randn(2, 1, 4, 4)
+    first = euler_sampler(net, latents, num_steps=5, sigma_min=0.02, sigma_max=30)
+    again = euler_sampler(net, latents, num_steps=5, sigma_min=0.02, sigma_max=30)
+    assert len(built) == 1 and torch.equal(first, again)
+    euler_sampler(net, latents, num_steps=6, sigma_min=0.02, sigma_max=30)
+    euler_sampler(net, latents.double(), num_steps=5, sigma_min=0.02, sigma_max=30)
+    assert len(built) == 3
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        euler_sampler(net, latents, t_steps=[1.0, 2.0])
+
+
 @pytest.mark.parametrize("name, options", SOLVER_CASES, ids=CASE_IDS)
 def test_float64_in_float64_out(name, options):
     net, latents = gaussian_problem()

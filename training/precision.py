@@ -43,6 +43,46 @@ class RunMode:
         self._apply()
 
 
+class NonFiniteWatch:
+    """Notices a NaN/inf loss without stalling the device.
+
+    `update` folds each loss into a flag on the device. On CUDA, `publish` (end of an iteration) copies the flag to
+    pinned host memory behind an event, and `seen` (called after the next iteration's teacher work is queued)
+    waits only for that event, so the GPU keeps working while the host reads the flag: one iteration of lag and no
+    pipeline drain. Elsewhere `seen` reads the flag directly. `seen(now=True)` reads the current flag (tick
+    boundaries, where the loop synchronises anyway). Under torch.distributed the flag is OR-ed over ranks so that
+    every rank falls back together.
+    """
+
+    def __init__(self, device, distributed=False):
+        self.flag = torch.zeros([], dtype=torch.int32, device=device)
+        self.distributed = distributed
+        self.lagged = device.type == "cuda"
+        if self.lagged:
+            self.host = torch.zeros([], dtype=torch.int32).pin_memory()
+            self.event = torch.cuda.Event()
+            self.published = False
+
+    def update(self, loss):
+        self.flag |= (~torch.isfinite(loss).all()).to(torch.int32)
+
+    def publish(self):
+        if self.distributed:
+            torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX)
+        if self.lagged:
+            self.host.copy_(self.flag, non_blocking=True)
+            self.event.record()
+            self.published = True
+
+    def seen(self, now=False):
+        if self.lagged and not now:
+            if not self.published:
+                return False
+            self.event.synchronize()
+            return bool(self.host.item())
+        return bool(self.flag.item())
+
+
 def prepare_module(module, channels_last=False):
     if channels_last:
         module.to(memory_format=torch.channels_last)

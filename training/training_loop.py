@@ -21,7 +21,7 @@ from models import load_network, save_snapshot
 from torch_utils import distributed as dist
 from training import sfd_loss
 from training import state as train_state
-from training.precision import RunMode, maybe_compile, prepare_module
+from training.precision import NonFiniteWatch, RunMode, maybe_compile, prepare_module
 from training.perceptual import PerceptualLoss
 
 SNAPSHOT_SETTINGS = (
@@ -226,7 +226,7 @@ def training_loop(
     max_steps = SFDV_NUM_STEPS[1] if (use_step_condition and not is_second_stage) else num_steps
     loss_sum = torch.zeros(max_steps - 1, device=device)
     loss_count = torch.zeros(max_steps - 1, device=device)
-    nonfinite = torch.zeros([], dtype=torch.bool, device=device)  # any NaN/inf loss since the last check
+    nonfinite = NonFiniteWatch(device, distributed=dist.is_distributed())  # any NaN/inf loss so far
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -235,10 +235,6 @@ def training_loop(
                    bar_format="{l_bar}{bar}| {n:.3g}/{total:g} kimg [{elapsed}<{remaining}]{postfix}")
 
     while True:
-        if mode.mixed and nonfinite.item():  # one host sync per iteration, and only under mixed precision
-            mode.fall_back_to_fp32()
-            dist.print0("NaN loss under mixed precision: continuing in fp32.")
-
         # SFD-v: a fresh student length (and matching teacher density) each iteration.
         if use_step_condition and not is_second_stage:
             cur_steps = step_rng.randint(*SFDV_NUM_STEPS)
@@ -260,6 +256,9 @@ def training_loop(
         with mode.autocast():
             targets = batched_teacher(teacher_fn, latents, labels, conds, schedule, teacher_cfg,
                                       teacher_batch or batch_gpu)
+        # Checked once the teacher work is queued: on CUDA this waits for the previous iteration only (no stall).
+        if mode.mixed and nonfinite.seen():
+            fall_back(mode)
         x = [latents[k] * schedule.t_steps[0] for k in range(num_rounds)]
 
         for i in range(cur_steps - 1):
@@ -282,13 +281,15 @@ def training_loop(
                         loss.sum().mul(1.0 / (batch_gpu * num_rounds)).backward()
                 x[k] = out.detach()
                 loss_sum[i] += loss.detach().mean() / num_rounds
-                nonfinite |= ~torch.isfinite(loss.detach()).all()
+                nonfinite.update(loss.detach())
             loss_count[i] += 1
             if update:
                 for p in net.parameters():
                     if p.grad is not None:
                         torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
                 optimizer.step()
+        if mode.mixed:
+            nonfinite.publish()
 
         # LR ÷ 10 once half of the trajectories are done (paper §4, "learning rate").
         if cur_nimg / 1000 >= 0.5 * total_kimg:
@@ -306,6 +307,8 @@ def training_loop(
         tick_time = time.time() - tick_start_time
         sec_per_kimg = tick_time / max(cur_nimg - tick_start_nimg, 1) * 1000
         per_step = (dist.all_reduce_mean(loss_sum) / loss_count.clamp(min=1)).tolist()
+        if mode.mixed and nonfinite.seen(now=True):  # the loop synchronises here anyway (stats, snapshots)
+            fall_back(mode)
         seen = loss_count.tolist()
         eta = sec_per_kimg * (total_kimg - cur_nimg / 1000)
         stats = dict(tick=cur_tick, kimg=cur_nimg / 1000, sec_per_kimg=sec_per_kimg,
@@ -354,6 +357,11 @@ def training_loop(
         bar.close()
     dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {_format_time(time.time() - start_time)}.")
     return dnnlib.EasyDict(net=net, teacher=teacher, settings=settings, run_dir=run_dir, kimg=cur_nimg / 1000)
+
+
+def fall_back(mode):
+    mode.fall_back_to_fp32()
+    dist.print0("NaN loss under mixed precision: continuing in fp32.")
 
 
 def batched_teacher(teacher, latents, labels, conds, schedule, cfg, teacher_batch):
