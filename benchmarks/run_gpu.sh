@@ -4,12 +4,12 @@
 #   OUT=/some/folder bash benchmarks/run_gpu.sh      # default OUT: ./bench-out
 #
 # Writes $OUT/bench.jsonl (one JSON line per benchmark run) and $OUT/bench.log (environment, full output).
-# Sized for < 5 minutes on an H100: each run gets at most its own cap and never more than what is left of
-# BUDGET_S seconds; a run that fails or times out is logged and the next one starts.
+# Sized for about 7 minutes on an H100 (device tool: timeout_s=450): each run gets at most its own cap and never
+# more than what is left of BUDGET_S seconds; a run that fails or times out is logged and the next one starts.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./bench-out}
-BUDGET_S=${BUDGET_S:-280}
+BUDGET_S=${BUDGET_S:-420}
 mkdir -p "$OUT"
 JSON="$OUT/bench.jsonl"
 LOG="$OUT/bench.log"
@@ -45,12 +45,17 @@ run 75 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=2
 # The fast path: bf16 autocast + channels-last + torch.compile (the first iterations compile, hence the warm-up).
 run 150 $B/bench_train.py --batch=128 --warmup_kimg=1.5 --kimg=2 --loop_kwarg precision=bf16 \
     --loop_kwarg channels_last=true --loop_kwarg compile=true
-# Sampling: fp32 as sample.py runs, PNG writing off and on.
+# Sampling: fp32 as sample.py runs, PNG writing off and on; then the fast path (fp16, channels-last, CUDA graphs).
 run 45 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=both
+run 75 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=both --precision=fp16 --channels_last \
+    --compile=reduce-overhead
+# Equivalence of the fast path: per-step losses of the first 2 kimg and sampled images vs fp32 (and fp16, the paper).
+run 150 $B/check_equivalence.py --batch=128 --kimg=2 --seeds=256
 # FID features: fp32 as fid.py runs.
 run 35 $B/bench_fid.py --batch=256 --batches=20 --warmup=3
 run 80 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=1 --no-fp16
 run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --fp16
+run 60 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --precision=bf16 --channels_last --compile=default
 run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --cudnn_benchmark
 run 30 $B/bench_fid.py --batch=256 --batches=20 --warmup=3 --channels_last --cudnn_benchmark
 run 60 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=1.5 --use_step_condition
@@ -66,8 +71,13 @@ for line in open(sys.argv[1]):
         print(f"train  fp16={s['mixed_precision']!s:5} step_cond={s['use_step_condition']!s:5} {fast} "
               f"{r['s_per_kimg']:.3f} s/kimg {r['tflops']:.1f} TFLOP/s peak {r['peak_mem_gb']:.2f} GB")
     elif r["bench"] == "sample":
-        print(f"sample fp16={s['fp16']!s:5} cudnn_bm={s['cudnn_benchmark']!s:5} png off "
+        print(f"sample {s.get('precision', 'fp32')} channels_last={s.get('channels_last')} compile={s.get('compile')} "
+              f"cudnn_bm={s['cudnn_benchmark']!s:5} png off "
               f"{r.get('img_per_s_png_off', float('nan')):.0f} img/s, png on {r.get('img_per_s_png_on', float('nan')):.0f} img/s")
+    elif r["bench"] == "equivalence":
+        for name, stats in r.get("loss_rel_diff", {}).items():
+            print(f"equiv  losses {name} vs fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in stats.items()))
+        print("equiv  PSNR vs fp32: " + ", ".join(f"{k} {v:.2f} dB" for k, v in r.get("psnr_db", {}).items()))
     else:
         print(f"fid    channels_last={s['channels_last']!s:5} {r['img_per_s']:.0f} img/s "
               f"({r['tflops'] or float('nan'):.1f} TFLOP/s) [{s['detector'][:40]}]")

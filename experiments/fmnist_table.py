@@ -30,6 +30,7 @@ if REPO not in sys.path:
 import solvers  # noqa: E402
 from metrics.detectors import load_detector  # noqa: E402
 from metrics.frechet import StreamingFID, load_ref  # noqa: E402
+from metrics.images import psnr_uint8  # noqa: E402
 from models import load_network  # noqa: E402
 from sample import SeedGenerators, to_uint8  # noqa: E402
 from dnnlib.util import atomic_path, write_atomic  # noqa: E402
@@ -58,12 +59,6 @@ def run_sampler(net, sampler, seeds, batch, device, fast=None, **kwargs):
         x = solvers.SOLVERS[sampler](net if fast is None else fast, latents_for(chunk, net, device), **kwargs)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
-
-
-def psnr(images, reference):
-    """Mean per-image PSNR (dB) of uint8 images against uint8 references."""
-    mse = (images.double() - reference.double()).square().flatten(1).mean(1)
-    return float((10 * torch.log10(255.0 ** 2 / mse.clamp(min=1e-10))).mean())
 
 
 def fid_of(images, detector, ref, device):
@@ -228,7 +223,7 @@ def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample
         images = make_images()
         secs = seconds() if callable(seconds) else seconds
         work.add_row(dict(key=key, method=name, nfe=nfe, fid=fid_of(images, det, ref_stats, device),
-                          psnr=psnr(images, endpoint), distill_s=secs, machine=machine, num=num))
+                          psnr=psnr_uint8(images, endpoint), distill_s=secs, machine=machine, num=num))
 
     def teacher_rows(key, name, nfe, sampler, **kwargs):
         add(key, name, nfe, lambda: run_sampler(teacher_net, sampler, seeds, sample_batch, device, fast=teacher_fast,

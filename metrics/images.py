@@ -154,3 +154,11 @@ def iterate_images(images, batch_size, rank=0, world_size=1, num_workers=0):
         images, batch_sampler=batches, num_workers=num_workers, collate_fn=_collate, prefetch_factor=2
     )
     yield from loader
+
+
+def psnr_uint8(images, reference):
+    """Mean per-image PSNR (dB) of uint8 images against uint8 references of the same shape (identical: 100 dB)."""
+    if images.shape != reference.shape:
+        raise ValueError(f"PSNR needs equal shapes, got {tuple(images.shape)} and {tuple(reference.shape)}")
+    mse = (images.double() - reference.double()).square().flatten(1).mean(1)
+    return float((10 * torch.log10(255.0 ** 2 / mse.clamp(min=1e-10))).mean())

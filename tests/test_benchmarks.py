@@ -64,6 +64,16 @@ def test_bench_sample_tiny(tmp_path):
     assert not list(tmp_path.iterdir())  # PNGs went to a temporary folder that is gone
 
 
+def test_bench_sample_fast_path_switches(tmp_path):
+    """sample.py's switches reach the benchmark: channels-last and a compiled (traced) network; mixed precision
+    stays off on a CPU as in sample.py."""
+    r, _ = run_script("bench_sample.py", "--tiny", "--device=cpu", "--batch=3", "--batches=1", "--warmup=1",
+                      "--png=off", "--precision=bf16", "--channels_last", "--compile=aot_eager", cwd=tmp_path)
+    s = r["settings"]
+    assert (s["precision"], s["channels_last"], s["compile"], s["fp16"]) == ("fp32", True, "aot_eager", False)
+    assert r["img_per_s_png_off"] > 0 and "img_per_s_png_on" not in r
+
+
 def test_bench_fid_tiny(tmp_path):
     r, stdout = run_script("bench_fid.py", "--tiny", "--device=cpu", "--channels=1", cwd=tmp_path)
     assert r["bench"] == "fid"
@@ -104,3 +114,20 @@ def test_loop_kwargs_are_checked_against_training_loop():
         parse_loop_kwargs(["no_such_option=1"], training_loop)
     with pytest.raises(click.BadParameter, match="NAME=VALUE"):
         parse_loop_kwargs(["fp16"], training_loop)
+
+
+def test_check_equivalence_tiny_measures_what_it_claims(tmp_path):
+    """bf16 autocast changes the losses by mixed-precision noise, not more; channels-last through a traced graph
+    changes nothing beyond float32 rounding; EDM's fp16 is CUDA-only, so on a CPU it is the fp32 path exactly."""
+    r, stdout = run_script("check_equivalence.py", "--tiny", "--device=cpu", "--batch=4", "--kimg=0.012",
+                           "--seeds=6", "--fast", 'precision="bf16"', "--fast", "channels_last=true",
+                           "--sample_fast", "channels_last=true", cwd=tmp_path)
+    assert r["bench"] == "equivalence"
+    check_env(r)
+    assert r["settings"]["iterations"] == 3 and r["settings"]["steps_per_iteration"] == 3
+    fast, fp16 = r["loss_rel_diff"]["fast"], r["loss_rel_diff"]["fp16"]
+    assert 1e-5 < fast["median"] <= fast["max"] < 2e-2  # bf16 keeps 8 mantissa bits: visible, small
+    assert fp16["max"] == 0
+    psnr = r["psnr_db"]
+    assert 30 < psnr["fast_trained"] < 100 and psnr["fp16_trained"] > 140 and psnr["fast_sampling"] > 60
+    assert len(r["losses"]["fp32"]) == 3 and "relative difference median" in stdout

@@ -89,13 +89,19 @@ def prepare_module(module, channels_last=False):
     return module
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def maybe_compile(fn, enabled):
     """torch.compile a callable network (the module itself stays the one that is saved and synced).
 
-    `enabled` may name a torch.compile backend (e.g. 'aot_eager', which the CPU tests use to trace the same
-    graphs without generating kernels); True means the default backend (inductor).
+    `enabled` may name a torch.compile mode of the inductor backend (e.g. 'reduce-overhead': CUDA graphs) or
+    another backend (e.g. 'aot_eager', which the CPU tests use to trace the same graphs without generating
+    kernels); True means the default backend (inductor) in its default mode.
     """
     if not enabled:
         return fn
+    if enabled in COMPILE_MODES:
+        return torch.compile(fn, dynamic=False, mode=enabled)
     backend = enabled if isinstance(enabled, str) else "inductor"
     return torch.compile(fn, dynamic=False, backend=backend)
