@@ -59,6 +59,9 @@ run 60 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --precis
 run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --cudnn_benchmark
 run 30 $B/bench_fid.py --batch=256 --batches=20 --warmup=3 --channels_last --cudnn_benchmark
 run 60 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=1.5 --use_step_condition
+# CUDA graphs on top of the fast path (torch.compile mode reduce-overhead).
+run 150 $B/bench_train.py --batch=128 --warmup_kimg=1.5 --kimg=2 --loop_kwarg precision=bf16 \
+    --loop_kwarg channels_last=true --loop_kwarg compile='"reduce-overhead"'
 
 echo "== done in ${SECONDS}s; results: $JSON" | tee -a "$LOG"
 $PY - "$JSON" <<'PY' 2>&1 | tee -a "$LOG"
