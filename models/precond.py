@@ -12,6 +12,8 @@ over the batch. A VP-discrete wrapper for LDM / Stable Diffusion lives beside th
 and registers itself in `models.snapshot.NETWORK_CLASSES`.
 """
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -20,6 +22,8 @@ from .edm import UNET_CLASSES, RecordedModule
 
 def _per_sample(value, batch, device, option):
     """A python number, a 0-dim tensor or a [B] tensor as a float32 [B] tensor."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.full([batch], float(value), dtype=torch.float32, device=device)  # a fill: no host-to-device copy
     value = torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1)
     if value.numel() == 1:
         return value.expand(batch)
