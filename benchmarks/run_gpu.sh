@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 JSON="$OUT/bench.jsonl"
 LOG="$OUT/bench.log"
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU image has python3 only
 
 {
     date -u
@@ -40,6 +40,9 @@ run() {  # run CAP_S SCRIPT ARGS...
 }
 
 B=benchmarks
+# The CUDA-only tests first (fp16 closeness, no host sync in the hot loop, lagged NaN fallback): a few seconds.
+echo "== [t=${SECONDS}s] pytest -m gpu" | tee -a "$LOG"
+timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) >>"$LOG" 2>&1 || echo "== FAILED: pytest -m gpu" | tee -a "$LOG"
 # Training: the paper's setting (batch 128, mixed precision, 2-NFE recipe), then fp32, then SFD-v.
 run 75 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=2
 # The fast path: bf16 autocast + channels-last + torch.compile (the first iterations compile, hence the warm-up).

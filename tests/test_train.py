@@ -321,3 +321,33 @@ def test_teacher_thresholding_switch_reaches_dpm_solver_pp(tiny_teacher_pkl, mon
     assert res.settings["thresholding"] is thresholding
     assert (len(calls) == 12) is thresholding  # 13 teacher points: 12 data predictions, all thresholded or none
     assert (len(calls) == 0) is (not thresholding)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_step_condition", [False, True])
+def test_teacher_and_student_calls_never_wait_for_the_gpu(use_step_condition):
+    """The hot loop's network work (teacher trajectory with DPM-Solver++ thresholding, student step, backward)
+    makes no host-device synchronisation once its schedule exists (torch's sync debug mode raises on one)."""
+    from tests.conftest import build_tiny_edm
+
+    net = build_tiny_edm(use_step_condition=use_step_condition).cuda()
+    schedule = sfd_loss.make_distill_schedule(4, 3, 0.002, 80.0, "polynomial", 7.0, device="cuda")
+    cfg = sfd_loss.TeacherConfig(solver_options=dict(max_order=3, predict_x0=True, lower_order_final=True,
+                                                     thresholding=True),
+                                 step_condition=4 if use_step_condition else None)
+    latents = torch.randn(4, 1, 8, 8, device="cuda")
+    sfd_loss.teacher_trajectory(net, latents, schedule, cfg)  # first call builds and checks the schedule
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        target = sfd_loss.teacher_trajectory(net, latents, schedule, cfg)
+        x = latents * schedule.t_steps[0]
+        for i in range(3):
+            out = sfd_loss.student_step(net, x, schedule, i, afs=True,
+                                        step_condition=4 if use_step_condition else None)
+            if i > 0:
+                sfd_loss.l1_loss(out, target[i]).sum().backward()
+            x = out.detach()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(x).all()
