@@ -63,3 +63,21 @@ def test_table_rows_subset_then_the_rest(tmp_path):
 def test_table_unknown_row_is_a_clear_error(tmp_path):
     r = CliRunner().invoke(fmnist_table.main, TINY + ["--workdir", str(tmp_path / "w"), "--rows", "sfd7"])
     assert r.exit_code == 2 and "--rows" in r.output and "sfd7" in r.output
+
+
+def test_budget_script_scores_snapshots_against_a_table_run(tmp_path):
+    from experiments import fmnist_sfd_budget
+
+    work = tmp_path / "work"
+    r = CliRunner().invoke(fmnist_table.main, TINY + ["--workdir", str(work), "--out", str(tmp_path / "t.md"),
+                                                      "--rows", "ref"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "budget.jsonl"
+    r = CliRunner().invoke(fmnist_sfd_budget.main, ["--table_workdir", str(work), "--kimg", "0.008", "--every", "1",
+                                                    "--num", "6", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in open(out)]
+    assert [row["method"] for row in rows] == ["DPM-Solver++(3M)", "SFD"]
+    assert all(row["fid"] > 0 and 0 < row["psnr"] < 100 for row in rows) and rows[1]["kimg"] == 0
+    r = CliRunner().invoke(fmnist_sfd_budget.main, ["--table_workdir", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "--table_workdir" in r.output
