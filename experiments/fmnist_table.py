@@ -112,16 +112,20 @@ class WorkFolder:
             write_atomic(settings_file, json.dumps(settings, indent=2) + "\n")
         self.rows_file = os.path.join(path, "rows.jsonl")
         self.rows = {}
-        if os.path.exists(self.rows_file):
-            for line in open(self.rows_file):
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[(row["key"], row["nfe"])] = row
+        self.reload_rows()
         self.snaps_file = os.path.join(path, "snapshots.json")
         self.snaps = json.load(open(self.snaps_file)) if os.path.exists(self.snaps_file) else {}
 
     def has(self, key, nfe):
         return (key, nfe) in self.rows
+
+    def reload_rows(self):
+        """Rows in rows.jsonl (also those another process appended to the same folder since)."""
+        if os.path.exists(self.rows_file):
+            for line in open(self.rows_file):
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows.setdefault((row["key"], row["nfe"]), row)
 
     def add_row(self, row):
         self.rows[(row["key"], row["nfe"])] = row
@@ -132,7 +136,11 @@ class WorkFolder:
     def snapshot(self, key, make):
         """(path, seconds) of the snapshot distilled for `key`, made by `make()` the first time."""
         if key not in self.snaps or not os.path.exists(self.snaps[key][0]):
-            self.snaps[key] = list(make())
+            made = list(make())
+            # Re-read first: another process may be filling other rows of the same folder.
+            if os.path.exists(self.snaps_file):
+                self.snaps.update(json.load(open(self.snaps_file)))
+            self.snaps[key] = made
             write_atomic(self.snaps_file, json.dumps(self.snaps, indent=2) + "\n")
         return self.snaps[key]
 
@@ -266,6 +274,7 @@ def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample
         add("stage2", "SFD second stage", 1, lambda: sampled(student_2, "euler", num_steps=3, afs=True,
                                                              step_condition=3, **sig), secs_2 + secs_v)
 
+    work.reload_rows()
     write_table(out, work, settings, machine)
 
 
