@@ -309,6 +309,28 @@ def test_compiled_calls_give_the_same_training_result(tiny_teacher_pkl):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_compiled_sfdv_student_is_one_graph_for_every_step_count(tiny_teacher_pkl, monkeypatch):
+    """SFD-v draws num_steps from 4..7 each iteration; the step condition reaches the compiled student as a tensor,
+    so the run traces two graphs (teacher without grad, student with it), not one per step count."""
+    from torch._dynamo.utils import counters
+
+    pkl, _ = tiny_teacher_pkl
+    torch._dynamo.reset()
+    counters.clear()
+    drawn = []
+    real = sfd_loss.student_step
+
+    def recording(*args, step_condition=None, **kwargs):
+        drawn.append(int(step_condition[0]))
+        return real(*args, step_condition=step_condition, **kwargs)
+
+    monkeypatch.setattr(sfd_loss, "student_step", recording)
+    res = _loop(pkl, fp16=False, compile="aot_eager", use_step_condition=True, total_kimg=0.048)
+    assert len(set(drawn)) >= 3  # several step counts were trained
+    assert counters["stats"]["unique_graphs"] == 2
+    assert all(torch.isfinite(p).all() for p in res.net.parameters())
+
+
 @pytest.mark.parametrize("thresholding", [True, False])
 def test_teacher_thresholding_switch_reaches_dpm_solver_pp(tiny_teacher_pkl, monkeypatch, thresholding):
     import solvers.dpm_solver_pp as pp

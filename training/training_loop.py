@@ -242,7 +242,10 @@ def training_loop(
                                                       schedule_type, schedule_rho, net=teacher, device=device)
         else:
             cur_steps, schedule = num_steps, fixed_schedule
-        step_condition = cur_steps if use_step_condition else None
+        # As a tensor, not a Python int: a compiled student then runs one graph for every step count (an int is
+        # a constant to torch.compile, one recompilation per value of 4..7).
+        step_condition = (torch.full([batch_gpu], float(cur_steps), device=device) if use_step_condition
+                          else None)
 
         latents = [torch.randn(shape, device=device) for _ in range(num_rounds)]
         labels = [None] * num_rounds
