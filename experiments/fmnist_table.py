@@ -178,6 +178,7 @@ def teacher_id(path):
               default=51, show_default=True)
 @click.option("--rows", "rows_text", help=f"Comma-separated rows to compute  [default: all: {','.join(ROW_KEYS)}]",
               default=None)
+@click.option("--table_only", is_flag=True, help="Only write the table of the rows already finished in --workdir")
 @click.option("--channels_last", type=bool, default=False, show_default=True,
               help="Channels-last networks for sampling and distillation (same numbers, faster on some machines)")
 @click.option("--compile", "compile_", type=bool, default=False, show_default=True,
@@ -188,7 +189,7 @@ def teacher_id(path):
               show_default=True)
 @click.option("--device", default=None)
 def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample_batch, reference_steps, rows_text,
-         channels_last, compile_, workdir, out, device):
+         table_only, channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     wanted = parse_rows(rows_text)
     for path, opt in ((teacher, "--teacher"), (detector, "--detector"), (ref, "--ref")):
@@ -197,6 +198,10 @@ def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample
     settings = dict(teacher=teacher_id(teacher), num=num, kimg=kimg, batch=batch, lr=lr, lr2=lr2 or lr,
                     thresholding=thresholding, reference_steps=reference_steps)
     work = WorkFolder(workdir, settings)
+    if table_only:
+        machine = work.rows[next(iter(work.rows))]["machine"] if work.rows else machine_name(device)
+        write_table(out, work, settings, machine)
+        return
     loaded = load_network(model_path=teacher, device=device)
     s = loaded.settings
     sig = dict(sigma_min=s["sigma_min"], sigma_max=s["sigma_max"])

@@ -37,6 +37,9 @@ def test_table_script_fills_every_row_and_resumes(tmp_path):
     assert read_rows(work) == rows
     assert sorted(p.name for p in work.iterdir() if p.name.startswith("run-")) == runs
     assert out.read_text() == table
+    out.unlink()
+    r = CliRunner().invoke(fmnist_table.main, args + ["--table_only"])
+    assert r.exit_code == 0 and out.read_text() == table and read_rows(work) == rows
 
     # Other settings in the same folder are refused with a one-line error naming the option.
     r = CliRunner().invoke(fmnist_table.main, args[:1] + ["7"] + args[2:])
