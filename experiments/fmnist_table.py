@@ -288,13 +288,16 @@ def write_table(out, work, settings, machine):
     st = settings
     lines = [f"Fashion-MNIST 32×32 teacher, {st['num']} samples per row, FID with our detector against the training "
              f"set, PSNR to the Heun-{solvers.nfe_of('heun', st['reference_steps'])} endpoint from the same latents. "
-             f"Machine: {machine}. Distillation: {st['kimg']:g} kimg per SFD model (SFD-v {2 * st['kimg']:g}), batch "
+             f"Machine: {machine}{' (each distillation time names its own)' if len({r['machine'] for r in work.rows.values()}) > 1 else ''}. Distillation: {st['kimg']:g} kimg per SFD model (SFD-v {2 * st['kimg']:g}), batch "
              f"{st['batch']}, lr {st['lr']:g} (second stage {st['lr2']:g}, from the SFD-v model, LPIPS off), M=3, "
              f"DPM-Solver++(3M) teacher, AFS, thresholding {'on' if st['thresholding'] else 'off'}.", "",
              "| method | NFE | FID | PSNR (dB) | distillation time |", "|---|---|---|---|---|"]
     ordered = sorted(work.rows.values(), key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
+    mixed = len({r["machine"] for r in ordered}) > 1  # rows filled by runs with other thread counts
     for r in ordered:
         t = "" if r["distill_s"] is None else f"{r['distill_s'] / 60:.1f} min"
+        if mixed and t:
+            t += f" ({r['machine']})"
         lines.append(f"| {r['method']} | {r['nfe']} | {r['fid']:.2f} | {r['psnr']:.2f} | {t} |")
     write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
