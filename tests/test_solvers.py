@@ -173,6 +173,70 @@ def test_dpmpp_third_order_update_coefficients():
         assert got == pytest.approx(exact - missing, abs=1e-13)
 
 
+def papers_dpm_pp(net, latents, t_steps, max_order, predict_x0, first_weight=lambda r0, r1: r0 / (r0 + r1)):
+    """An independent transcription of the paper's multistep DPM-Solver++ (sfd-main solver_utils.py, VE form),
+    written out per order as in DPM-Solver's equations, with Imagen's thresholding through torch.quantile.
+
+    first_weight is the weight of (D1_0 - D1_1) in D1; the paper's is r0/(r0 + r1)."""
+    n = len(t_steps)
+    lam = [-math.log(t) for t in t_steps]
+    x = latents * t_steps[0]
+    past = []  # (model output, lambda), newest last
+    for i in range(n - 1):
+        denoised = net(x, torch.tensor(t_steps[i], dtype=F64))
+        if predict_x0:
+            s = torch.quantile(denoised.abs().reshape(len(x), -1), 0.995, dim=1).clamp(min=1).reshape(-1, 1, 1, 1)
+            model = denoised.clamp(-s, s) / s
+        else:
+            model = (x - denoised) / t_steps[i]
+        past.append((model, lam[i]))
+        order = i + 1 if i + 1 < max_order else min(max_order, n - (i + 1))   # lower_order_final
+        h = lam[i + 1] - lam[i]
+        phi1 = math.expm1(-h) if predict_x0 else math.expm1(h)
+        ratio, t_next = t_steps[i + 1] / t_steps[i], t_steps[i + 1]
+        m0 = past[-1][0]
+        if order == 1:
+            x = ratio * x - phi1 * m0 if predict_x0 else x - t_next * phi1 * m0
+        elif order == 2:
+            r0 = (past[-1][1] - past[-2][1]) / h
+            d1 = (m0 - past[-2][0]) / r0
+            x = (ratio * x - phi1 * m0 - 0.5 * phi1 * d1 if predict_x0
+                 else x - t_next * phi1 * m0 - 0.5 * t_next * phi1 * d1)
+        else:
+            r0, r1 = (past[-1][1] - past[-2][1]) / h, (past[-2][1] - past[-3][1]) / h
+            d1_0, d1_1 = (m0 - past[-2][0]) / r0, (past[-2][0] - past[-3][0]) / r1
+            d1 = d1_0 + first_weight(r0, r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            if predict_x0:
+                phi2 = phi1 / h + 1
+                phi3 = phi2 / h - 0.5
+                x = ratio * x - phi1 * m0 + phi2 * d1 - phi3 * d2
+            else:
+                phi2 = phi1 / h - 1
+                phi3 = phi2 / h - 0.5
+                x = x - t_next * (phi1 * m0 + phi2 * d1 + phi3 * d2)
+    return x
+
+
+@pytest.mark.parametrize("predict_x0", [True, False], ids=["data", "noise"])
+def test_dpmpp_third_order_matches_the_papers_update_on_an_uneven_schedule(predict_x0):
+    # EDM's polynomial schedule is uneven in lambda (r0 != r1), so the weight r0/(r0 + r1) of D1 shows; the mixture
+    # denoiser is far from linear in lambda, so every term of the update matters. Both sides run in float64:
+    # 1e-10 relative leaves room for rounding only.
+    net = MixtureDenoiser()
+    latents = torch.randn(6, 1, 1, 2, generator=torch.Generator().manual_seed(4), dtype=F64)
+    t_steps = get_schedule(8, 0.02, 10.0, schedule_type="polynomial", schedule_rho=7).double().tolist()
+    lam = [-math.log(t) for t in t_steps]
+    spacing = [b - a for a, b in zip(lam, lam[1:])]
+    assert max(spacing) / min(spacing) > 2  # r0 and r1 differ a lot
+    ours = dpm_pp_sampler(net, latents, t_steps=t_steps, max_order=3, predict_x0=predict_x0)
+    papers = papers_dpm_pp(net, latents, t_steps, 3, predict_x0)
+    torch.testing.assert_close(ours, papers, rtol=1e-10, atol=1e-10)
+    # The test can see the weight: the swapped weight r1/(r0 + r1) moves the result by far more than the tolerance.
+    swapped = papers_dpm_pp(net, latents, t_steps, 3, predict_x0, first_weight=lambda r0, r1: r1 / (r0 + r1))
+    assert (swapped - papers).abs().max() > 1e-3 * papers.abs().max()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Gaussian mixture: every solver converges to the endpoint of a fine Heun reference.
 
@@ -232,6 +296,50 @@ def test_afs_first_dpmpp_step_stores_x_minus_t_d():
     data = dynamic_threshold(x0 - t0 * x0 / math.sqrt(1 + t0 ** 2))
     assert not torch.allclose(data, x0 - t0 * x0 / math.sqrt(1 + t0 ** 2))  # thresholding was active
     torch.testing.assert_close(x, (t1 / t0) * x0 - math.expm1(-math.log(t0 / t1)) * data)
+
+
+def expected_sigmas(name, options, t, afs):
+    """The noise levels a solver's network calls see, in order, on the time points t (AFS skips t_0's call)."""
+    seen = []
+    for i in range(len(t) - 1):
+        if not (afs and i == 0):
+            seen.append(t[i])
+        if name == "heun":
+            seen.append(t[i + 1])                                   # corrector at the predicted point
+        elif name == "dpm":
+            r = options.get("r", 0.5)
+            seen.append(t[i + 1] ** r * t[i] ** (1 - r))            # intermediate point
+    return seen
+
+
+def expected_first_step(name, options, x0, t0, t1):
+    """x at t_1 after an AFS first step, D(x) = x/2 (RecordingNet) for the further calls of Heun and DPM-2."""
+    d = x0 / math.sqrt(1 + t0 ** 2)                                  # the analytical slope
+    h = t1 - t0
+    if name == "heun":
+        x_pred = x0 + h * d
+        return x0 + h * (0.5 * d + 0.5 * (0.5 * x_pred / t1))
+    if name == "dpm":
+        r = options.get("r", 0.5)
+        t_mid = t1 ** r * t0 ** (1 - r)
+        x_mid = x0 + (t_mid - t0) * d
+        return x0 + h * (1 / (2 * r) * (0.5 * x_mid / t_mid) + (1 - 1 / (2 * r)) * d)
+    return x0 + h * d  # Euler; 1st-order iPNDM and DPM-Solver++ are Euler in the VE form
+
+
+@pytest.mark.parametrize("name, options", SOLVER_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("num_steps", [4, 6])
+def test_afs_replaces_the_first_network_call_only(name, options, num_steps):
+    latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    t = [(80 ** (1 / 7) + k / (num_steps - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for k in range(num_steps)]
+    for afs in (False, True):
+        net = RecordingNet()
+        traj = SOLVERS[name](net, latents, num_steps=num_steps, afs=afs, return_inters=True, **options)
+        seen = [float(r["sigma"]) for r in net.records]
+        assert seen == pytest.approx(expected_sigmas(name, options, t, afs), rel=1e-6), (afs, seen)
+    # The AFS step's result comes from d = x/sqrt(1 + t_0²) (the schedule is float32, as the sampler keeps it).
+    t0, t1 = (torch.tensor(v, dtype=torch.float32).double() for v in t[:2])
+    torch.testing.assert_close(traj[1], expected_first_step(name, options, latents * t0, t0, t1), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("sampler", [heun_sampler, dpm_2_sampler])
