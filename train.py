@@ -141,8 +141,9 @@ def _bool(name, default, text):
               metavar="INT", type=int, default=None)
 @_bool("--predict_x0", True, "DPM-Solver++: data-prediction formulation")
 @_bool("--lower_order_final", True, "DPM-Solver++: lower the order on the final steps")
-@_bool("--thresholding", True, "DPM-Solver++: dynamic thresholding of the teacher's data predictions, as the paper's "
-       "code always does (hurts data that sits at ±1, e.g. black backgrounds)")
+@_bool("--thresholding", False, "DPM-Solver++ teacher: dynamic thresholding of its data predictions. Off, as the "
+       "paper's GPU runs effectively had it (their fp16 teacher made torch.quantile fail and the paper's code then "
+       "skipped it); True applies it, as the paper's code does in fp32")
 @click.option("--schedule_type", help="Time discretisation", type=click.Choice(SCHEDULES), default="polynomial",
               show_default=True)
 @click.option("--schedule_rho", help="Time step exponent (polynomial, time_uniform, discrete)", metavar="FLOAT",

@@ -1,0 +1,50 @@
+"""Defaults that follow what the paper ran: the distillation teacher without dynamic thresholding (the paper's
+fp16 GPU runs skipped it), the DPM-Solver++ baselines of sample.py with it (the paper's fp32 sampling)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import sample
+import solvers.dpm_solver_pp as pp
+import train
+
+
+@pytest.fixture
+def threshold_calls(monkeypatch):
+    calls = []
+    real = pp.dynamic_threshold
+    monkeypatch.setattr(pp, "dynamic_threshold", lambda x0, *a, **k: calls.append(x0.shape[0]) or real(x0, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("args, expected", [([], False), (["--thresholding", "True"], True)])
+def test_train_teacher_thresholding_default_off(tmp_path, tiny_teacher_pkl, threshold_calls, args, expected):
+    pkl, _ = tiny_teacher_pkl
+    r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), "--model_path", pkl, "--batch", "4",
+                                        "--total_kimg", "0.004", "--seed", "1", "--device", "cpu", *args])
+    assert r.exit_code == 0, r.output
+    (options,) = tmp_path.glob("*/training_options.json")
+    assert json.load(open(options))["thresholding"] is expected
+    # One iteration, 13 teacher points with M=3: 12 data predictions of the DPM-Solver++ teacher.
+    assert len(threshold_calls) == (12 if expected else 0)
+
+
+@pytest.mark.parametrize("args, expected", [([], True), (["--thresholding", "False"], False)])
+def test_sample_dpmpp_baseline_thresholding_default_on(tmp_path, tiny_teacher_pkl, threshold_calls, args, expected):
+    pkl, _ = tiny_teacher_pkl
+    r = CliRunner().invoke(sample.main, ["--model_path", pkl, "--solver", "dpmpp", "--num_steps", "6", "--seeds",
+                                         "0-1", "--outdir", str(tmp_path), "--device", "cpu", *args])
+    assert r.exit_code == 0, r.output
+    assert len(threshold_calls) == (5 if expected else 0)  # 6 time points: 5 data predictions
+    assert len(list(tmp_path.rglob("*.png"))) == 2
+
+
+def test_train_help_says_why_thresholding_is_off():
+    r = CliRunner().invoke(train.main, ["--help"])
+    assert r.exit_code == 0
+    text = " ".join(r.output.split())
+    option = text[text.index("--thresholding"):]
+    option = option[:option.index(" --", 2)]
+    assert "[default: False]" in option and "fp16" in option, option
