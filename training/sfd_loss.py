@@ -71,14 +71,3 @@ def l1_loss(student_out, teacher_out):
     """Per-element L1 distance (paper Eq. 8); reduced by the caller as sum / batch."""
     return (student_out - teacher_out).abs()
 
-
-@torch.no_grad()
-def evaluate_loss(student, teacher, latents, schedule, cfg, afs, class_labels=None, step_condition=None):
-    """Mean L1 loss per student step on a fixed batch (diagnostic; not used for training)."""
-    target = teacher_trajectory(teacher, latents, schedule, cfg, class_labels=class_labels)
-    x = latents * schedule.t_steps[0]
-    losses = []
-    for i in range(len(schedule.t_steps) - 1):
-        x = student_step(student, x, schedule, i, afs, class_labels=class_labels, step_condition=step_condition)
-        losses.append(l1_loss(x, target[i]).mean().item())
-    return losses

@@ -256,41 +256,15 @@ def training_loop(
         conds = [(None, None)] * num_rounds
         if hasattr(net, "draw_conditions"):
             conds = [net.draw_conditions(batch_gpu, device) for _ in range(num_rounds)]
-        with mode.autocast():
-            targets = batched_teacher(teacher_fn, latents, labels, conds, schedule, teacher_cfg,
-                                      teacher_batch or batch_gpu)
-        # Checked once the teacher work is queued: on CUDA this waits for the previous iteration only (no stall).
-        if mode.mixed and nonfinite.seen():
-            fall_back(mode)
-        x = [latents[k] * schedule.t_steps[0] for k in range(num_rounds)]
-
-        for i in range(cur_steps - 1):
-            update = not (afs and i == 0)  # the AFS step calls no network: nothing to learn
-            optimizer.zero_grad(set_to_none=True)
-            for k in range(num_rounds):
-                sync = (k == num_rounds - 1) or not dist.is_distributed()
-                ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
-                    with torch.set_grad_enabled(update), mode.autocast():
-                        out = sfd_loss.student_step(student_fn, x[k], schedule, i, afs, class_labels=labels[k],
-                                                    condition=conds[k][0], unconditional_condition=conds[k][1],
-                                                    step_condition=step_condition)
-                        out = out.float()
-                        loss = sfd_loss.l1_loss(out, targets[k][i])
-                        if perceptual is not None and i == cur_steps - 2:
-                            # The paper adds the batch-mean LPIPS to every element of the L1 map.
-                            loss = loss + perceptual(out, targets[k][i]).mean()
-                    if update:
-                        loss.sum().mul(1.0 / (batch_gpu * num_rounds)).backward()
-                x[k] = out.detach()
-                loss_sum[i] += loss.detach().mean() / num_rounds
-                nonfinite.update(loss.detach())
+        result = sfd_iteration(student_fn, optimizer, teacher_fn, latents, schedule, teacher_cfg, afs,
+                               labels=labels, conds=conds, step_condition=step_condition, perceptual=perceptual,
+                               teacher_batch=teacher_batch or batch_gpu,
+                               no_sync=ddp.no_sync if dist.is_distributed() else None, mode=mode,
+                               nonfinite=nonfinite)
+        for i, per_round in enumerate(result.losses):
+            for loss in per_round:
+                loss_sum[i] += loss.mean() / num_rounds
             loss_count[i] += 1
-            if update:
-                for p in net.parameters():
-                    if p.grad is not None:
-                        torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-                optimizer.step()
         if mode.mixed:
             nonfinite.publish()
 
@@ -360,6 +334,67 @@ def training_loop(
         bar.close()
     dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {_format_time(time.time() - start_time)}.")
     return dnnlib.EasyDict(net=net, teacher=teacher, settings=settings, run_dir=run_dir, kimg=cur_nimg / 1000)
+
+
+def sfd_iteration(student, optimizer, teacher, latents, schedule, teacher_cfg, afs, labels=None, conds=None,
+                  step_condition=None, perceptual=None, teacher_batch=None, no_sync=None, mode=None, nonfinite=None):
+    """One SFD iteration (paper Alg. 1, SPEC §5) on given unit-Gaussian latents, one tensor per accumulation round.
+
+    The frozen teacher draws its trajectory without gradients (`batched_teacher`). Then, for each student interval
+    i, the student takes ONE Euler step from its own detached previous output (x_0 = latents·t_0) to t_{i+1}; the
+    per-element L1 distance to teacher point i+1 is back-propagated as loss.sum() / batch (all rounds together),
+    gradients pass through nan_to_num, and the optimizer takes one step. The AFS step (i = 0 with afs) calls no
+    network and updates nothing.
+
+    student / teacher: the callables run (possibly compiled or DDP-wrapped); the optimizer holds the student's
+    parameters. no_sync: DDP's no_sync (skips the gradient all-reduce on all but the last round). mode/nonfinite:
+    the loop's precision mode and NaN watch (None: plain fp32, no watch). Returns the teacher targets per round
+    and the detached loss maps as losses[step][round].
+    """
+    num_rounds = len(latents)
+    batch = sum(len(z) for z in latents)
+    labels = labels if labels is not None else [None] * num_rounds
+    conds = conds if conds is not None else [(None, None)] * num_rounds
+    autocast = mode.autocast if mode is not None else contextlib.nullcontext
+    with autocast():
+        targets = batched_teacher(teacher, latents, labels, conds, schedule, teacher_cfg,
+                                  teacher_batch or len(latents[0]))
+    # Checked once the teacher work is queued: on CUDA this waits for the previous iteration only (no stall).
+    if nonfinite is not None and mode.mixed and nonfinite.seen():
+        fall_back(mode)
+    x = [latents[k] * schedule.t_steps[0] for k in range(num_rounds)]
+    num_steps = len(schedule.t_steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    losses = []
+    for i in range(num_steps - 1):
+        update = not (afs and i == 0)  # the AFS step calls no network: nothing to learn
+        optimizer.zero_grad(set_to_none=True)
+        losses.append([])
+        for k in range(num_rounds):
+            ctx = no_sync() if (no_sync is not None and k < num_rounds - 1) else contextlib.nullcontext()
+            with ctx:
+                with torch.set_grad_enabled(update), autocast():
+                    out = sfd_loss.student_step(student, x[k], schedule, i, afs, class_labels=labels[k],
+                                                condition=conds[k][0], unconditional_condition=conds[k][1],
+                                                step_condition=step_condition)
+                    out = out.float()
+                    loss = sfd_loss.l1_loss(out, targets[k][i])
+                    if perceptual is not None and i == num_steps - 2:
+                        # The paper adds the batch-mean LPIPS to every element of the L1 map.
+                        loss = loss + perceptual(out, targets[k][i]).mean()
+                if update:
+                    loss.sum().mul(1.0 / batch).backward()
+            x[k] = out.detach()  # the next step starts from the student's own output, not the teacher's
+            losses[i].append(loss.detach())
+            if nonfinite is not None:
+                nonfinite.update(loss.detach())
+        if update:
+            for p in params:
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+            optimizer.step()
+    return dnnlib.EasyDict(targets=targets, losses=losses)
 
 
 def fall_back(mode):
