@@ -1,7 +1,9 @@
 """EDM backbones and preconditioning: EDM parameter names, the denoiser call, SFD-v step layers."""
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +134,53 @@ def test_step_condition_changes_output_only_through_new_layers(arch):
         net(x, 1.0)
 
 
+@pytest.mark.parametrize("arch", [SONG, ADM], ids=["song", "adm"])
+def test_step_condition_reaches_every_encoder_and_decoder_block(arch):
+    net = build(**arch, use_step_condition=True)
+    unet = net.model
+    blocks = {f"{part}.{name}": block for part in ("enc", "dec") for name, block in getattr(unet, part).items()
+              if isinstance(block, UNetBlock)}
+    assert any(name.startswith("dec.") for name in blocks)
+    received = {}
+
+    def record(name):
+        def hook(module, args, kwargs):
+            received[name] = args[2] if len(args) > 2 else kwargs.get("emb_step")
+        return hook
+
+    hooks = [block.register_forward_pre_hook(record(name), with_kwargs=True) for name, block in blocks.items()]
+    x = torch.randn(2, 3, 16, 16)
+    labels = torch.eye(10)[[3, 4]] if arch.get("label_dim") else None
+    try:
+        with torch.no_grad():
+            net(x, 1.0, labels, step_condition=5)
+    finally:
+        for h in hooks:
+            h.remove()
+    expected = unet.embed_step(torch.full([2], 5.0))
+    for name in blocks:  # every block receives the step embedding
+        assert received[name] is not None, name
+        torch.testing.assert_close(received[name], expected, msg=name)
+
+    # And it acts there: zeroing only the decoder's affine_step changes D(x); zeroing the encoder's too removes
+    # the rest of the step condition's effect.
+    def with_zeroed(parts):
+        copy = build(**arch, use_step_condition=True)
+        copy.load_state_dict(net.state_dict())
+        with torch.no_grad():
+            for name, p in copy.named_parameters():
+                if "affine_step" in name and name.split(".")[1] in parts:
+                    p.zero_()
+            return copy(x, 1.0, labels, step_condition=5)
+
+    with torch.no_grad():
+        full, step7 = net(x, 1.0, labels, step_condition=5), net(x, 1.0, labels, step_condition=7)
+    no_dec, none = with_zeroed({"dec"}), with_zeroed({"enc", "dec"})
+    effect = (full - none).abs().max()
+    assert (full - no_dec).abs().max() > 0.05 * effect, ((full - no_dec).abs().max(), effect)
+    assert (full - step7).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("arch", [SONG, dict(ADM, label_dim=0)], ids=["song", "adm"])
 def test_step_embedding_takes_the_noise_path(arch):
     # Paper's code: map_step is the same embedding as map_noise (SongUNet with its sin/cos swap, ADM
@@ -192,17 +241,96 @@ def test_bad_options_are_named():
         EDMPrecond(**dict(SONG, embedding_type="learned"))
 
 
-@pytest.mark.parametrize("cls", [VPPrecond, VEPrecond, iDDPMPrecond])
-def test_other_edm_preconditioners_run(cls):
+class StubUNet(torch.nn.Module):
+    """Stands in for the U-Net F: records what the preconditioner feeds it and returns a fixed tensor."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+        self.calls = []
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None):
+        self.calls.append((x.clone(), noise_labels.clone()))
+        return self.out
+
+
+def iddpm_levels(M=1000, C_1=0.001, C_2=0.008):
+    """EDM Table 1 (iDDPM): u_M = 0, u_{j-1} = sqrt((u_j² + 1) / max(ᾱ_{j-1}/ᾱ_j, C_1) - 1),
+    ᾱ_j = sin²(π/2 · j / (M (C_2 + 1))), in float64."""
+    alpha_bar = np.sin(0.5 * np.pi * np.arange(M + 1) / M / (C_2 + 1)) ** 2
+    u = np.zeros(M + 1)
+    for j in range(M, 0, -1):
+        u[j - 1] = np.sqrt((u[j] ** 2 + 1) / max(alpha_bar[j - 1] / alpha_bar[j], C_1) - 1)
+    return u
+
+
+def table1(cls, sigma):
+    """(c_skip, c_out, c_in, c_noise) of EDM's Table 1 (Karras et al. 2022) for float64 sigmas, written out
+    from the paper; VP with beta_d = 19.9, beta_min = 0.1, M = 1000 and iDDPM with M = 1000."""
+    one = np.ones_like(sigma)
+    if cls is EDMPrecond:
+        sd = 0.5
+        return sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / np.sqrt(sigma ** 2 + sd ** 2), \
+            1 / np.sqrt(sigma ** 2 + sd ** 2), np.log(sigma) / 4
+    if cls is VPPrecond:
+        beta_d, beta_min, M = 19.9, 0.1, 1000
+        t = (np.sqrt(beta_min ** 2 + 2 * beta_d * np.log(sigma ** 2 + 1)) - beta_min) / beta_d  # sigma^-1
+        return one, -sigma, 1 / np.sqrt(sigma ** 2 + 1), (M - 1) * t
+    if cls is VEPrecond:
+        return one, sigma, one, np.log(0.5 * sigma)
+    u = iddpm_levels()
+    index = np.abs(sigma[:, None] - u[None, :]).argmin(1)
+    return one, -sigma, 1 / np.sqrt(sigma ** 2 + 1), 1000 - 1 - index.astype(np.float64)
+
+
+PRECOND_SIGMAS = {
+    EDMPrecond: [0.002, 0.3, 1.0, 80.0],
+    VPPrecond: [0.0015, 0.3, 2.0, 150.0],
+    VEPrecond: [0.02, 0.7, 5.0, 100.0],
+    # iDDPM: levels u_j themselves and points a tenth of the way to a neighbour (never near a midpoint)
+    iDDPMPrecond: [float(iddpm_levels()[j] + f * (iddpm_levels()[j - 1] - iddpm_levels()[j]))
+                   for j, f in ((999, 0.0), (700, 0.1), (400, 0.0), (100, 0.1), (1, 0.0))],
+}
+
+
+@pytest.mark.parametrize("cls", [EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond])
+def test_preconditioners_follow_edm_table_1(cls):
+    """D(x) = c_skip x + c_out F(c_in x, c_noise): what reaches F and what comes back, against Table 1."""
     arch = ADM if cls is iDDPMPrecond else SONG
     net = build(cls, **arch)
-    x = torch.randn(2, 3, 16, 16)
-    sigma = torch.tensor([net.sigma_min * 2, 1.0]) if cls is not VEPrecond else torch.tensor([0.5, 3.0])
-    out = net(x, sigma, class_labels=torch.eye(10)[[1, 2]] if arch is ADM else None)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    if cls is iDDPMPrecond:
-        snapped = net.round_sigma(torch.tensor([1.0]))
-        assert torch.isin(snapped, net.u).all()
+    sigma = np.array(PRECOND_SIGMAS[cls])
+    batch = len(sigma)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 16, 16, generator=g)
+    F = torch.randn(batch, 3 * net.model_out_factor, 16, 16, generator=g)  # iDDPM's F also returns variances
+    net.model = StubUNet(F)
+    labels = torch.eye(10)[:batch] if arch is ADM else None
+    D = net(x, torch.tensor(sigma, dtype=torch.float32), class_labels=labels)
+
+    c_skip, c_out, c_in, c_noise = (torch.tensor(c, dtype=torch.float32).reshape(-1, 1, 1, 1)
+                                    for c in table1(cls, sigma))
+    (fed_x, fed_noise), = net.model.calls
+    torch.testing.assert_close(fed_x, c_in * x, rtol=1e-5, atol=1e-6)
+    # VP's sigma^-1 takes log(1 + sigma²) in float32, as EDM does: an absolute error up to ulp(1)/2 = 6e-8 there,
+    # times d c_noise / d log(1 + sigma²) <= 999/beta_min ~ 1e4 at small sigma, is up to 6e-4.
+    torch.testing.assert_close(fed_noise, c_noise.flatten(), rtol=1e-5, atol=1e-3 if cls is VPPrecond else 1e-5)
+    torch.testing.assert_close(D, c_skip * x + c_out * F[:, :3], rtol=1e-5, atol=1e-5)
+
+
+def test_vp_and_iddpm_noise_ranges_follow_edm():
+    vp = VPPrecond(**SONG)
+    sigma_vp = lambda t: math.sqrt(math.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1)  # EDM Table 1, VP sigma(t)
+    # EDM evaluates exp(~1e-6) - 1 in float32, as we do: a few ulps of 1 out of 1e-6, i.e. up to ~10% on sigma_min.
+    assert vp.sigma_min == pytest.approx(sigma_vp(1e-5), rel=0.1)
+    assert vp.sigma_max == pytest.approx(sigma_vp(1.0), rel=1e-6)
+    ddpm = iDDPMPrecond(**ADM)
+    u = iddpm_levels()
+    # EDM runs the recursion in float32: each step scales u² + 1 with a relative error of ~1e-7, so after 1000 steps
+    # u² + 1 is within 1e-4 relative (u itself loses more where u² << 1, hence the comparison on u² + 1).
+    np.testing.assert_allclose(ddpm.u.double().numpy() ** 2 + 1, u ** 2 + 1, rtol=1e-4, atol=0)
+    assert ddpm.sigma_min == float(ddpm.u[999]) and ddpm.sigma_max == float(ddpm.u[0])
+    snapped = ddpm.round_sigma(torch.tensor([u[500] * 1.001, u[20] * 0.999]))
+    torch.testing.assert_close(snapped, ddpm.u[[500, 20]].double(), rtol=0, atol=0)  # the nearest level itself
 
 
 @pytest.mark.gpu
