@@ -9,6 +9,7 @@ snapshots are safetensors. The returned network is float32, in eval mode, withou
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -164,8 +165,10 @@ def _is_paper_snapshot(data):
 def _build_paper_snapshot(record, path):
     """A network distilled by the paper's own code: {'model': EDMPrecond} with its settings in `training_kwargs`.
 
-    The paper's classes always carry the step layers (used only by SFD-v); the architecture is the table row
-    of the recorded dataset_name. LDM/SD snapshots of the paper's code hold a whole LDM and are not read.
+    The paper's classes always carry the step layers (used only by SFD-v). The paper's classes record no
+    constructor keywords, so the architecture is read off the pickled module tree (`_paper_architecture`): a
+    network distilled from any EDM teacher loads, not only the table row's. LDM/SD snapshots of the paper's code
+    hold a whole LDM and are not read.
     """
     from .edm import is_step_layer_key
 
@@ -177,9 +180,14 @@ def _build_paper_snapshot(record, path):
     if row.family != "edm":
         raise ValueError(f"{path}: reading the paper's {dataset_name} snapshots is not supported (EDM backbones only)")
     use_step_condition = bool(kwargs.get("use_step_condition"))
-    with torch.random.fork_rng(devices=[]):
-        net = NETWORK_CLASSES[row.network_class](**dict(row.interface_kwargs(), use_step_condition=use_step_condition))
     tensors = persistence.record_tensors(record)
+    arch = _paper_architecture(record, tensors, path)
+    with torch.random.fork_rng(devices=[]):
+        net = NETWORK_CLASSES["EDMPrecond"](**dict(
+            arch, sigma_min=float(record.state.get("sigma_min", row.sigma_min)),
+            sigma_max=float(record.state.get("sigma_max", row.sigma_max)),
+            sigma_data=float(record.state.get("sigma_data", 0.5)), use_fp16=False,
+            use_step_condition=use_step_condition))
     if not use_step_condition:
         tensors = {k: v for k, v in tensors.items() if not is_step_layer_key(k)}  # present but never used
     load_state_strict(net, tensors, source=path)
@@ -190,6 +198,73 @@ def _build_paper_snapshot(record, path):
     if use_step_condition and not kwargs.get("is_second_stage"):
         settings["step_condition_range"] = [4, 7]
     return net, settings
+
+
+def _paper_architecture(record, tensors, path):
+    """EDMPrecond keywords of a pickled paper network, from its module tree and tensor shapes.
+
+    The paper's EDMPrecond/SongUNet/DhariwalUNet are EDM's classes without EDM's constructor recording, so the
+    pickle holds modules, not keywords. Everything the constructor needs leaves a trace: channel counts in the
+    weights, block names per resolution, attention as qkv weights, the embedding type as a `freqs` buffer, the
+    resample filter as a buffer, dropout as a block attribute. `load_state_strict` then checks the guess key by
+    key and shape by shape.
+    """
+    model = (record.state.get("_modules") or {}).get("model")
+    model_type = str(getattr(model, "class_name", "")).rsplit(".", 1)[-1]
+    if model_type not in ("SongUNet", "DhariwalUNet"):
+        raise ValueError(f"{path}: the paper's EDMPrecond wraps a {model_type or 'missing'} model; expected SongUNet "
+                         f"or DhariwalUNet")
+    top = record.state
+    res = int(top["img_resolution"])
+    blocks = {}  # level -> number of encoder blocks
+    for key in tensors:
+        m = re.fullmatch(r"model\.enc\.(\d+)x\1_block(\d+)\.conv0\.weight", key)
+        if m:
+            level = (res // int(m.group(1))).bit_length() - 1
+            blocks[level] = max(blocks.get(level, 0), int(m.group(2)) + 1)
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise ValueError(f"{path}: cannot read the U-Net levels from the pickled encoder")
+
+    def block_out(level, idx=0):
+        r = res >> level
+        return tensors[f"model.enc.{r}x{r}_block{idx}.conv0.weight"].shape[0]
+
+    def has_attention(level):
+        r = res >> level
+        return any(f"model.enc.{r}x{r}_block{i}.qkv.weight" in tensors for i in range(blocks[level]))
+
+    layer0 = tensors["model.map_layer0.weight"]  # [emb_channels, noise_channels]
+    first_conv = tensors[f"model.enc.{res}x{res}_conv.weight"].shape[0]
+    model_channels = first_conv if model_type == "SongUNet" else layer0.shape[1]
+    enc = (model.state.get("_modules") or {}).get("enc")
+    some_block = next(b for name, b in enc.state["_modules"].items() if "_block" in name)
+    arch = dict(
+        img_resolution=res, img_channels=int(top["img_channels"]), label_dim=int(top.get("label_dim") or 0),
+        model_type=model_type, model_channels=model_channels,
+        channel_mult=[block_out(level) // model_channels for level in range(len(blocks))],
+        channel_mult_emb=layer0.shape[0] // model_channels, num_blocks=blocks[0],
+        attn_resolutions=[res >> level for level in range(len(blocks)) if has_attention(level)],
+        dropout=float(some_block.state.get("dropout", 0.0)),
+        label_dropout=float(model.state.get("label_dropout") or 0),
+        augment_dim=tensors["model.map_augment.weight"].shape[1] if "model.map_augment.weight" in tensors else 0,
+    )
+    if model_type == "SongUNet":
+        filters = [v for k, v in tensors.items() if k.endswith(".resample_filter")]
+        resample_filter = [1, 1]
+        if filters:  # stored as the 2-D outer product f f^T / (sum f)^2: its first row is f up to a factor
+            row = filters[0].reshape(filters[0].shape[-2:])[0].double()
+            resample_filter = [int(round(v)) for v in (row / row[0]).tolist()]
+        decoder_skip = any(re.fullmatch(r"model\.dec\.(\d+)x\1_aux_norm\.weight", k) and not k.startswith(
+            f"model.dec.{res}x{res}_") for k in tensors)
+        arch.update(
+            embedding_type="fourier" if "model.map_noise.freqs" in tensors else "positional",
+            channel_mult_noise=layer0.shape[1] // model_channels,
+            encoder_type=("residual" if any("_aux_residual." in k for k in tensors) else
+                          "skip" if any("_aux_skip." in k for k in tensors) else "standard"),
+            decoder_type="skip" if decoder_skip else "standard",
+            resample_filter=resample_filter,
+        )
+    return arch
 
 
 def _with_step_layers(net, source):
