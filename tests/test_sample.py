@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import click
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -52,11 +54,132 @@ def digests(folder):
             for p in glob.glob(os.path.join(str(folder), "**", "*.png"), recursive=True)}
 
 
-def test_parse_int_list():
+@pytest.mark.parametrize("bad, message", [
+    ("a", "'a' is not a number or a range like 0-99"),
+    ("5-2", "range '5-2' runs backwards"),
+    ("1,,2", "'' is not a number or a range like 0-99"),
+])
+def test_parse_int_list(bad, message):
     assert sample.parse_int_list("1,2,5-8") == [1, 2, 5, 6, 7, 8]
-    for bad in ("a", "5-2", "1,,2"):
-        with pytest.raises(Exception):
-            sample.parse_int_list(bad)
+    with pytest.raises(click.BadParameter) as info:
+        sample.parse_int_list(bad)
+    assert info.value.message == message
+    r = run_sample("--seeds", bad)  # the command line: a usage error (exit code 2) on one line, nothing sampled
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1] == f"Error: Invalid value for --seeds: {message}"
+    assert "Traceback" not in r.output
+
+
+def record_network_calls(monkeypatch):
+    """Every call of an EDM-family network (sigma, step_condition), whatever loaded it."""
+    from models.precond import _Precond
+
+    calls = []
+    real = _Precond.forward
+
+    def recording(self, x, sigma, *args, step_condition=None, **kwargs):
+        calls.append((float(torch.as_tensor(sigma).reshape(-1)[0]), step_condition))
+        return real(self, x, sigma, *args, step_condition=step_condition, **kwargs)
+
+    monkeypatch.setattr(_Precond, "forward", recording)
+    return calls
+
+
+def edm_time_points(num_steps, sigma_min, sigma_max, rho):
+    """EDM eq. 5: t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return [(a + i / (num_steps - 1) * (b - a)) ** rho for i in range(num_steps)]
+
+
+@pytest.mark.parametrize("rho", [3.0, 11.0])
+def test_snapshot_schedule_rho_reaches_the_sampler(tmp_path, monkeypatch, rho):
+    path = tmp_path / "snap.safetensors"
+    save_snapshot(str(path), build_tiny_edm(seed=0), dict(SETTINGS, num_steps=5, schedule_rho=rho))
+    calls = record_network_calls(monkeypatch)
+    r = run_sample("--model_path", str(path), "--seeds", "0-1", "--outdir", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    # Euler with AFS over 5 points: network calls at t_1, t_2, t_3 of the snapshot's own schedule.
+    expected = edm_time_points(5, SETTINGS["sigma_min"], SETTINGS["sigma_max"], rho)[1:4]
+    assert [sigma for sigma, _ in calls] == pytest.approx(expected, rel=1e-6)
+    assert [sigma for sigma, _ in calls] != pytest.approx(edm_time_points(5, 0.006, 80.0, 7.0)[1:4], rel=1e-3)
+
+
+class LabelRecordingNet:
+    """A class-conditional stand-in network: records the first input and the labels it receives; D(x) = x/2."""
+
+    img_channels, img_resolution, label_dim = 2, 4, 10
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, sigma, class_labels=None, **conditions):
+        self.calls.append((x.clone(), torch.as_tensor(sigma).clone(), class_labels))
+        return 0.5 * x
+
+
+def edm_latents_and_labels(seeds, shape, label_dim):
+    """EDM's generate.py: one torch.Generator per seed (seed mod 2^32); per seed the latent [C, H, W] is drawn
+    first, then the class index (randint with an empty size); labels are one-hot rows of eye(label_dim)."""
+    latents, labels = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed % (1 << 32))
+        latents.append(torch.randn(shape, generator=g))
+        labels.append(int(torch.randint(label_dim, size=[], generator=g)))
+    return torch.stack(latents), torch.eye(label_dim)[labels]
+
+
+def test_each_seed_draws_its_latent_then_its_class_label():
+    import dnnlib
+
+    seeds = [0, 1, 7, 123456, (1 << 32) + 5]
+    net = LabelRecordingNet()
+    cfg = dnnlib.EasyDict(solver="euler", num_steps=3, sigma_min=0.1, sigma_max=10.0, schedule_type="polynomial",
+                          schedule_rho=7.0, afs=False, step_condition=None, options={})
+    sample.generate(net, cfg, seeds, torch.device("cpu"))
+    x_first, sigma_first, labels = net.calls[0]
+    latents, expected_labels = edm_latents_and_labels(seeds, [2, 4, 4], 10)
+    torch.testing.assert_close(x_first, latents * sigma_first, rtol=0, atol=0)
+    torch.testing.assert_close(labels, expected_labels, rtol=0, atol=0)
+    assert all(c[2] is labels for c in net.calls)
+    assert len(set(labels.argmax(1).tolist())) > 2  # the seeds draw different classes
+
+
+def edm_uint8(x):
+    """EDM's conversion in float32: (x·127.5 + 128), clipped to [0, 255], truncated to uint8 (numpy's IEEE float32
+    ops, independently of torch)."""
+    y = np.asarray(x, dtype=np.float32) * np.float32(127.5) + np.float32(128)
+    return np.clip(y, 0, 255).astype(np.uint8)
+
+
+# Exact values, both ends, out of range, then every x = k/255: x·127.5 + 128 lands on (or within float32 rounding of)
+# an integer for even k and a half for odd k, where truncation and rounding to nearest part.
+EDGE_VALUES = np.concatenate([
+    [-1.0, 0.0, 1.0, 0.5, -0.5, 1 / 255, 3 / 255, -1 / 255, 253 / 255, -253 / 255, 2.0, -2.0, 1.01, -1.01, 1e6, -1e6],
+    np.arange(-256, 257) / 255,
+]).astype(np.float32)
+
+
+def test_uint8_conversion_rounds_like_edm():
+    got = sample.to_uint8(torch.from_numpy(EDGE_VALUES))
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), edm_uint8(EDGE_VALUES))
+    # Read off EDM's formula by hand: truncation after +128, never rounding to nearest.
+    assert got[:11].tolist() == [0, 128, 255, 191, 64, 128, 129, 127, 254, 1, 255]
+    assert got[11:16].tolist() == [0, 255, 0, 255, 0]
+
+
+def test_pngs_hold_edm_uint8_of_the_generated_images(snapshot, tmp_path, monkeypatch):
+    _, run = snapshot
+    images = torch.from_numpy(EDGE_VALUES[:128].reshape(2, 1, 8, 8))
+    monkeypatch.setattr(sample, "generate", lambda net, cfg, seeds, device, prompts=None: images[:len(seeds)])
+    r = run_sample("--model_path", str(run / "network-snapshot-000005.safetensors"), "--seeds", "0-1", "--batch", "2",
+                   "--subdirs", "False", "--outdir", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    import PIL.Image
+
+    for k in range(2):
+        png = np.asarray(PIL.Image.open(tmp_path / f"{k:06d}.png"))
+        np.testing.assert_array_equal(png, edm_uint8(images[k, 0].numpy()))
 
 
 def test_png_of_a_seed_does_not_depend_on_batch_size(snapshot, tmp_path):
