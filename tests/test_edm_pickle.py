@@ -152,6 +152,79 @@ def test_hostile_globals_are_refused_and_nothing_runs(tmp_path, make):
     assert not marker.exists()
 
 
+def naming_pickle(qualified_name, *call_args):
+    """A pickle {'ema': module.name} or {'ema': module.name(*call_args)} (string arguments), written
+    opcode by opcode so that the GLOBAL names exactly the given module and attribute."""
+    module, name = qualified_name.rsplit(".", 1)
+    value = b"c" + f"{module}\n{name}\n".encode()
+    if call_args:
+        value += b"(" + b"".join(b"V" + a.encode("raw_unicode_escape") + b"\n" for a in call_args) + b"tR"
+    return b"\x80\x02(dVema\n" + value + b"s."  # PROTO 2 first: the loader tells pickles by that byte
+
+
+def names_in(data):
+    """The globals a pickle names, read by an unpickler that resolves each to an inert stand-in."""
+    names = []
+
+    class Naming(pickle.Unpickler):
+        def find_class(self, module, name):
+            names.append(f"{module}.{name}")
+            return lambda *args: None
+
+    Naming(io.BytesIO(data)).load()
+    return names
+
+
+# torch callables that load, save or fetch code or files; none is on the EDM reader's list.
+TORCH_CALLABLES = ["torch.load", "torch.save", "torch.hub.load", "torch.hub.load_state_dict_from_url",
+                   "torch.serialization.load", "torch.serialization.save", "torch.jit.load", "torch.storage.UntypedStorage",
+                   "torch.nn.modules.module.Module", "torch._utils._rebuild_device_tensor_from_numpy"]
+
+
+@pytest.mark.parametrize("qualified_name", TORCH_CALLABLES)
+def test_torch_globals_beyond_the_list_are_refused(tmp_path, qualified_name):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pkl"
+    # Called with ('ran', marker): torch.save would write the marker; the bare object is refused just the same.
+    for data in (naming_pickle(qualified_name, "ran", str(marker)), naming_pickle(qualified_name)):
+        assert names_in(data) == [qualified_name]  # a well-formed pickle that names exactly this global
+        path.write_bytes(data)
+        with pytest.raises(UnsafePickleError, match=f"refused to load global '{qualified_name}'"):
+            load_edm_pickle(path)
+        with pytest.raises(UnsafePickleError):
+            load_network(model_path=str(path))
+    assert not marker.exists()
+
+
+class _TorchSavedExploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
+def test_storage_bytes_are_read_with_torchs_weights_only_loader(tmp_path):
+    """torch.storage._load_from_bytes (how plain pickles carry storages) runs a full torch.load in torch itself;
+    ours answers it with weights_only=True, so a torch.save stream holding code is refused and runs nothing."""
+    marker = tmp_path / "marker"
+    payload = io.BytesIO()
+    torch.save(_TorchSavedExploit(marker), payload)
+    path = tmp_path / "evil.pkl"
+    data = pickle.dumps({"ema": _Exploit(torch.storage._load_from_bytes, payload.getvalue())})
+    assert names_in(data) == ["torch.storage._load_from_bytes"]
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="UnpicklingError"):  # torch refused it: nothing ran
+        load_edm_pickle(path)
+    assert not marker.exists()
+    # A genuine storage payload still loads through the same global.
+    good = io.BytesIO()
+    torch.save(torch.arange(3.0).untyped_storage(), good)
+    path.write_bytes(pickle.dumps({"ema": _Exploit(torch.storage._load_from_bytes, good.getvalue())}))
+    assert bytes(load_edm_pickle(path)["ema"].untyped()) == bytes(torch.arange(3.0).untyped_storage())
+
+
 def test_unsafe_error_names_the_global(tmp_path):
     path = tmp_path / "evil.pkl"
     path.write_bytes(pickle.dumps(_Exploit(os.system, "true")))
