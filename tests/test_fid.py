@@ -230,6 +230,46 @@ def test_pickle_detector_refuses_unknown_globals(tmp_path):
         detectors.load_detector(str(path), trust_embedded_code=True)
 
 
+def pickle_naming(qualified_name, *call_args):
+    """A pickle whose only global is exactly `qualified_name`, called with string arguments or left bare."""
+    module, name = qualified_name.rsplit(".", 1)
+    value = b"c" + f"{module}\n{name}\n".encode()
+    if call_args:
+        value += b"(" + b"".join(b"V" + a.encode("raw_unicode_escape") + b"\n" for a in call_args) + b"tR"
+    return b"\x80\x02" + value + b"."
+
+
+# torch callables that are not torch.nn.Module classes: the detector reader must refuse every one.
+NON_MODULE_TORCH_CALLABLES = [
+    "torch.load", "torch.save", "torch.hub.load", "torch.jit.load", "torch.serialization.load",
+    "torch.nn.modules.module.register_module_forward_hook", "torch.nn.modules.module.register_module_forward_pre_hook",
+    "torch.nn.modules.utils._pair", "torch.nn.modules.conv.F", "torch.nn.functional.linear",
+]
+
+
+@pytest.mark.parametrize("qualified_name", NON_MODULE_TORCH_CALLABLES)
+def test_pickle_detector_refuses_torch_callables_that_are_not_modules(tmp_path, qualified_name):
+    marker = tmp_path / "marker"
+    path = tmp_path / "det.pkl"
+    for data in (pickle_naming(qualified_name, "ran", str(marker)), pickle_naming(qualified_name)):
+        path.write_bytes(data)
+        for trust in (False, True):
+            with pytest.raises(ValueError, match=re.escape(f"refers to {qualified_name}, which the detector loader "
+                                                           "does not allow")):
+                detectors.load_detector(str(path), trust_embedded_code=trust)
+    assert not marker.exists()
+
+
+def test_pickle_detector_still_takes_plain_torch_modules(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    path = tmp_path / "det.pkl"
+    path.write_bytes(pickle.dumps(net))
+    loaded = detectors.load_detector(str(path))
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+
+
 def test_pickle_carrying_torchscript_archive_is_loaded_with_jit(setup, tmp_path):
     buf = io.BytesIO()
     torch.jit.save(torch.jit.load(setup.det), buf)
