@@ -103,6 +103,6 @@ def load_snapshot(path, device="cpu"):
             raise ValueError(f"{path}: cannot rebuild {architecture['class']} from its stored init_kwargs ({e})") from None
     try:
         net.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: stored tensors do not match {architecture['class']}: {e}") from None
+    except RuntimeError as e:  # torch lists the keys over several lines; commands print one line
+        raise ValueError(f"{path}: stored tensors do not match {architecture['class']}: {' '.join(str(e).split())}") from None
     return net.to(device).float().eval().requires_grad_(False), settings

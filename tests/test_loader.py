@@ -186,6 +186,41 @@ def test_damaged_snapshots_raise_value_error(tmp_path):
         load_snapshot(str(foreign))
 
 
+def rewritten_snapshot(src, dst, change):
+    """A copy of snapshot `src` at `dst` whose tensors went through change(dict), metadata untouched."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(src))
+    change(tensors)
+    save_file(tensors, str(dst), metadata=metadata)
+    return str(dst)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update({"model.extra_layer.weight": torch.zeros(3)}), "model.extra_layer.weight"),
+    (lambda t: t.pop("model.map_layer0.bias"), "model.map_layer0.bias"),
+    (lambda t: t.update({"model.map_layer0.bias": torch.zeros(7)}), "model.map_layer0.bias"),
+], ids=["extra-key", "missing-key", "wrong-shape"])
+def test_snapshots_load_strictly(tmp_path, change, message):
+    import sample
+    from click.testing import CliRunner
+
+    good = tmp_path / "good.safetensors"
+    save_snapshot(str(good), tiny(**SONG), dict(dataset_name="cifar10"))
+    bad = rewritten_snapshot(good, tmp_path / "bad.safetensors", change)
+    for load in (load_snapshot, lambda path: load_network(model_path=path)):
+        with pytest.raises(ValueError, match="stored tensors do not match EDMPrecond") as info:
+            load(bad)
+        assert message in str(info.value)
+    r = CliRunner().invoke(sample.main, ["--model_path", bad, "--device", "cpu", "--outdir", str(tmp_path / "out")])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert not os.path.exists(tmp_path / "out")
+    load_snapshot(str(good))  # the untouched file loads
+
+
 def test_snapshot_refuses_unregistered_classes_and_bad_settings(tmp_path):
     class Private(EDMPrecond):
         pass
