@@ -7,7 +7,7 @@ record what reaches the loss and the optimizer. Tolerances (tests/data/reference
 - L1 maps: 1e-4 of max|student output| (|s - t| near 0 magnifies float32 rounding); loss scalars: rel 1e-4;
 - gradient norms and gradients: rel 1e-3;
 - parameters after Adam (its first steps move each element by ~lr·sign(g), so elements with g ~ 0 may flip):
-  ||dp_got - dp_ref|| / ||dp_ref|| < 1e-2, or every element within 2·lr per optimizer step.
+  ||dp_got - dp_ref|| / ||dp_ref|| < 1e-2 for the change dp from the initial values.
 """
 
 import copy
@@ -23,7 +23,7 @@ import solvers
 from models import load_network
 from models.edm import is_step_layer_key
 from training import sfd_loss
-from training.training_loop import sfd_iteration, sfdv_teacher_M, solver_options
+from training.training_loop import make_optimizer, sfd_iteration, sfdv_teacher_M, solver_options
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference")
 RECORD = json.load(open(os.path.join(REF, "sfd-iteration.json")))
@@ -58,8 +58,8 @@ def run_recorded(run):
         teacher.ignore_step_condition()
     net.train().requires_grad_(True)
     opt_kwargs = st["optimizer_kwargs"]
-    optimizer = torch.optim.Adam(net.parameters(), lr=opt_kwargs["lr"], betas=tuple(opt_kwargs["betas"]),
-                                 eps=opt_kwargs["eps"])
+    assert (opt_kwargs["class_name"], opt_kwargs["betas"], opt_kwargs["eps"]) == ("torch.optim.Adam", [0.9, 0.999], 1e-8)
+    optimizer = make_optimizer(net.parameters(), opt_kwargs["lr"])  # the loop's own optimizer
     cfg = sfd_loss.TeacherConfig(
         solver=lk["sampler_tea"], schedule_type=lk["schedule_type"], schedule_rho=lk["schedule_rho"],
         sigma_min=st["sigma_min"], sigma_max=st["sigma_max"], afs=False,
@@ -219,30 +219,28 @@ def test_optimizer_steps_lr_and_gradients(recorded):
                 assert_close_rel(grads[name], array(key), 1e-3, f"{tag} optimizer step {j} gradient of {name}")
 
 
-def assert_adam_moved_like_the_paper(got, before, reference, ref_before, steps, lr, what):
+def assert_adam_moved_like_the_paper(got, before, reference, ref_before, what):
     got, before = got.double().numpy(), before.double().numpy()
     reference, ref_before = reference.astype(np.float64), ref_before.astype(np.float64)
     assert np.array_equal(before, ref_before), f"{what}: different starting values"
     dp_got, dp_ref = got - before, reference - ref_before
+    # README §4 also allows "every element within 2 lr per optimizer step", but Adam never moves an element much
+    # more than lr per step, so that bound holds for nearly any Adam variant; the norm of the change is the test.
     norm_ref = float(np.linalg.norm(dp_ref))
-    by_norm = float(np.linalg.norm(dp_got - dp_ref)) / norm_ref if norm_ref else float("inf")
-    elementwise = float(np.abs(got - reference).max())
-    assert by_norm < 1e-2 or elementwise <= 2 * lr * steps, (
-        f"{what}: ||dp_got - dp_ref|| / ||dp_ref|| = {by_norm:.3e}, max|p_got - p_ref| = {elementwise:.3e} "
-        f"(allowed: 1e-2, or {2 * lr * steps:.1e} = 2 lr per optimizer step)")
+    assert norm_ref > 0, f"{what}: the reference did not move"
+    rel = float(np.linalg.norm(dp_got - dp_ref)) / norm_ref
+    assert rel < 1e-2, f"{what}: ||dp_got - dp_ref|| / ||dp_ref|| = {rel:.3e} >= 1e-2"
 
 
 def test_parameters_after_adam(recorded):
-    info, lr = recorded["info"], recorded["lr"]
+    info = recorded["info"]
     for name, key in info["params_initial"].items():
         assert np.array_equal(recorded["initial"][name].numpy(), array(key)), name
-    steps_so_far = 0
     for it, ours in pairs(recorded):
         for name, key in it.get("params_before", {}).items():
             assert_adam_moved_like_the_paper(ours["params_before"][name], recorded["initial"][name], array(key),
-                                             array(info["params_initial"][name]), steps_so_far, lr,
+                                             array(info["params_initial"][name]),
                                              f"{name} before iteration {it['index']}")
-        steps_so_far += len(it["optimizer_steps"])
     for name, key in info["params_final"].items():
         assert_adam_moved_like_the_paper(recorded["final"][name], recorded["initial"][name], array(key),
-                                         array(info["params_initial"][name]), steps_so_far, lr, f"{name} at the end")
+                                         array(info["params_initial"][name]), f"{name} at the end")

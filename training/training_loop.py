@@ -33,6 +33,16 @@ SNAPSHOT_SETTINGS = (
 SFDV_NUM_STEPS = (4, 7)  # SFD-v draws the student's num_steps uniformly from this range each iteration
 
 
+def draw_sfdv_num_steps(step_rng):
+    """SFD-v's student num_steps for one iteration: uniform on SFDV_NUM_STEPS, both ends included."""
+    return step_rng.randint(*SFDV_NUM_STEPS)
+
+
+def make_optimizer(params, lr):
+    """The student's optimizer (paper §4): Adam, betas (0.9, 0.999), eps 1e-8."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
 def sfdv_teacher_M(num_steps):
     return 2 if num_steps == 3 else 3
 
@@ -190,7 +200,7 @@ def training_loop(
     if is_second_stage:
         settings["first_stage"] = {k: loaded.settings.get(k) for k in SNAPSHOT_SETTINGS if k in loaded.settings}
 
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = make_optimizer(net.parameters(), lr)
     ddp = net
     teacher_fn = maybe_compile(teacher, compile)
     if dist.is_distributed():
@@ -237,7 +247,7 @@ def training_loop(
     while True:
         # SFD-v: a fresh student length (and matching teacher density) each iteration.
         if use_step_condition and not is_second_stage:
-            cur_steps = step_rng.randint(*SFDV_NUM_STEPS)
+            cur_steps = draw_sfdv_num_steps(step_rng)
             schedule = sfd_loss.make_distill_schedule(cur_steps, sfdv_teacher_M(cur_steps), sigma_min, sigma_max,
                                                       schedule_type, schedule_rho, net=teacher, device=device)
         else:

@@ -1,0 +1,284 @@
+"""What the real training loop feeds its networks and optimizer (issue 13, items 3-6, 13, 15, 16, 18, 19).
+
+Each test runs `training_loop(...)` (or sample.py's entry point) on a tiny CPU network and records, through hooks on
+the networks the loop loads, what actually reaches them: sigma, inputs, step conditions, guidance, gradients and the
+lr Adam uses. Nothing here re-implements the loop.
+"""
+
+import glob
+import os
+import random
+
+import pytest
+import torch
+
+import solvers
+import training.training_loop as loop
+from training import sfd_loss
+from training.training_loop import draw_sfdv_num_steps, training_loop
+
+
+class Recorder:
+    """Hooks every network `training_loop` loads. deepcopy carries the hooks (plain functions, shared, not copied) to
+    the teacher; `module.training` tells the two apart (student: train mode, teacher: eval mode)."""
+
+    def __init__(self, monkeypatch, grads=False):
+        self.calls = calls = []
+        real = loop.load_network
+
+        def before(module, args, kwargs):
+            x, sigma = args[0], args[1]
+            step = kwargs.get("step_condition")
+            calls.append(dict(
+                role="student" if module.training else "teacher", x=x.detach().clone(),
+                x_requires_grad=x.requires_grad, sigma=float(torch.as_tensor(sigma).reshape(-1)[0]),
+                step_condition=None if step is None else sorted(set(torch.as_tensor(step).reshape(-1).tolist())),
+                guidance_rate=getattr(module, "guidance_rate", None),
+                unconditional=kwargs.get("unconditional_condition") is not None))
+
+        def after(module, args, kwargs, output):
+            call = calls[-1]
+            call["D"] = output.detach().clone()
+            if grads and output.requires_grad:
+                output.register_hook(lambda g: call.__setitem__("grad_D", g.detach().clone()))
+
+        def loading(*args, **kwargs):
+            loaded = real(*args, **kwargs)
+            loaded.net.register_forward_pre_hook(before, with_kwargs=True)
+            loaded.net.register_forward_hook(after, with_kwargs=True)
+            return loaded
+
+        monkeypatch.setattr(loop, "load_network", loading)
+
+    def role(self, role):
+        return [c for c in self.calls if c["role"] == role]
+
+
+def run(pkl, **kw):
+    args = dict(model_path=pkl, batch_size=4, total_kimg=0.004, seed=3, device="cpu", progress=False, fp16=False)
+    args.update(kw)
+    if args.get("run_dir"):
+        os.makedirs(args["run_dir"], exist_ok=True)  # train.py makes the run folder before the loop starts
+    return training_loop(**args)
+
+
+def euler(x, t_cur, t_next, denoised):
+    return x + (t_next - t_cur) * ((x - denoised) / t_cur)
+
+
+def afs_euler(x, t_cur, t_next):
+    return x + (t_next - t_cur) * (x / (1 + t_cur ** 2) ** 0.5)
+
+
+def t_steps(num_steps):
+    return solvers.get_schedule(num_steps, 0.006, 80.0, schedule_type="polynomial", schedule_rho=7.0).tolist()
+
+
+def assert_close(got, expected, what, rel=1e-5):
+    err, scale = float((got - expected).abs().max()), float(expected.abs().max())
+    assert err <= rel * scale, f"{what}: max|got - expected| = {err:.3e} > {rel:g} * {scale:.3e}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3, 5: where each student step and the teacher start.
+
+
+def test_each_student_step_starts_from_its_own_detached_output(tiny_teacher_pkl, monkeypatch):
+    rec = Recorder(monkeypatch)
+    run(tiny_teacher_pkl[0], num_steps=5, afs=True)  # one iteration: AFS step, then three network steps
+    t = t_steps(5)
+    teacher, student = rec.role("teacher"), rec.role("student")
+    assert [c["sigma"] for c in student] == pytest.approx(t[1:4], rel=1e-6)
+    # Step 0 (AFS) starts from latents * t_0, the point the teacher also starts from.
+    assert_close(student[0]["x"], afs_euler(teacher[0]["x"], t[0], t[1]), "input of step 1 vs AFS step from x_0")
+    for i in range(1, len(student)):
+        prev = student[i - 1]
+        own = euler(prev["x"], t[i], t[i + 1], prev["D"])
+        assert_close(student[i]["x"], own, f"input of step {i + 1} vs the student's own step {i} output", rel=1e-6)
+    assert not any(c["x_requires_grad"] for c in student), "a student step started from a non-detached output"
+
+
+def test_first_stage_teacher_runs_without_afs_from_sigma_max(tiny_teacher_pkl, monkeypatch):
+    rec = Recorder(monkeypatch)
+    run(tiny_teacher_pkl[0], num_steps=4, M=3, afs=True)
+    teacher = rec.role("teacher")
+    t_teacher = t_steps(13)  # (M+1)(N-1)+1 teacher points
+    # Without AFS the teacher's first call is the network at sigma_max on the latents (12 calls for 13 points).
+    assert len(teacher) == 12
+    assert [c["sigma"] for c in teacher] == pytest.approx(t_teacher[:12], rel=1e-6)
+    assert teacher[0]["sigma"] == pytest.approx(80.0)
+    # ... on the very latents the student starts from: the student's first network input is the AFS step of them.
+    first_student = rec.role("student")[0]
+    assert_close(first_student["x"], afs_euler(teacher[0]["x"], 80.0, t_steps(4)[1]), "teacher x_0 vs student x_0")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4: the loss.
+
+
+def test_sfd_loss_is_l1_summed_over_elements_and_averaged_over_the_batch(tiny_teacher_pkl, monkeypatch):
+    """The gradient reaching the student's denoiser output is d|out - target|/dD / batch = sign(out - target) ·
+    (t_cur - t_next) / (t_cur · batch): unit magnitude everywhere, which no L2 (or mean-reduced) loss gives."""
+    rec = Recorder(monkeypatch, grads=True)
+    trajectories = []
+    real = solvers.SOLVERS["dpmpp"]
+    monkeypatch.setitem(solvers.SOLVERS, "dpmpp", lambda *a, **k: trajectories.append(real(*a, **k)) or
+                        trajectories[-1])
+    run(tiny_teacher_pkl[0], num_steps=4, M=3, afs=True, batch_size=4)
+    t = t_steps(4)
+    student = rec.role("student")
+    assert len(student) == 2 and len(trajectories) == 1
+    for k, call in enumerate(student):
+        i = k + 1  # student step index (step 0 is the AFS step)
+        out = euler(call["x"], t[i], t[i + 1], call["D"])
+        target = trajectories[0][4 * (i + 1)]  # teacher point (M+1)(i+1) lines up with student point i+1
+        expected = torch.sign(out - target) * (t[i] - t[i + 1]) / (t[i] * 4)
+        assert_close(call["grad_D"], expected, f"gradient at the denoiser output, step {i}", rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6: the learning-rate drop.
+
+
+def test_lr_drops_tenfold_at_half_of_total_kimg(tiny_teacher_pkl, monkeypatch):
+    used = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])  # the lr this very step applies
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    lr = 2e-4
+    run(tiny_teacher_pkl[0], num_steps=3, afs=True, total_kimg=0.024, lr=lr)  # 6 iterations of 4, 1 step each
+    # As the paper's loop: after an iteration, once cur_nimg/1000 >= total_kimg/2 (cur_nimg counted before that
+    # iteration): iterations 0-3 run at lr (the check after iteration 3 sees 12 images = half), 4-5 at lr/10.
+    assert used == pytest.approx([lr] * 4 + [lr / 10] * 2, rel=1e-12), used
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 13, 19: SFD-v's step counts.
+
+
+def recorded_step_counts(monkeypatch):
+    """The num_steps each sfd_iteration call of the loop runs, and the step condition its student receives."""
+    counts = []
+    real = loop.sfd_iteration
+
+    def recording(student, optimizer, teacher, latents, schedule, *args, step_condition=None, **kwargs):
+        counts.append((len(schedule.t_steps), sorted(set(step_condition.tolist()))))
+        return real(student, optimizer, teacher, latents, schedule, *args, step_condition=step_condition, **kwargs)
+
+    monkeypatch.setattr(loop, "sfd_iteration", recording)
+    return counts
+
+
+def test_sfdv_draws_num_steps_uniformly_from_4_to_7(tiny_teacher_pkl, monkeypatch):
+    seed = 11
+    draws = [draw_sfdv_num_steps(rng) for rng in [random.Random(seed)] for _ in range(400)]
+    counts = {n: draws.count(n) for n in sorted(set(draws))}
+    assert set(counts) == {4, 5, 6, 7}, counts  # both ends reached, nothing outside
+    assert all(70 <= c <= 130 for c in counts.values()), counts  # ~100 each (fixed seed: deterministic)
+    # That generator is the loop's: the same seed gives the loop's per-iteration step counts and step conditions.
+    seen = recorded_step_counts(monkeypatch)
+    run(tiny_teacher_pkl[0], use_step_condition=True, total_kimg=0.02, seed=seed)
+    assert seen == [(n, [float(n)]) for n in draws[:5]], (seen, draws[:5])
+
+
+def test_resumed_sfdv_run_restores_its_step_count_generator(tiny_teacher_pkl, monkeypatch, tmp_path):
+    pkl = tiny_teacher_pkl[0]
+    seen = recorded_step_counts(monkeypatch)
+    common = dict(use_step_condition=True, seed=5, kimg_per_tick=0.004)
+    run(pkl, total_kimg=0.016, run_dir=str(tmp_path / "straight"), **common)
+    straight = [n for n, _ in seen]
+    seen.clear()
+    run(pkl, total_kimg=0.008, run_dir=str(tmp_path / "cut"), state_dump_ticks=1, **common)
+    dump = glob.glob(str(tmp_path / "cut" / "training-state-*.pt"))
+    assert len(dump) == 1
+    run(pkl, total_kimg=0.016, run_dir=str(tmp_path / "cut"), resume_state=dump[0], **common)
+    resumed = [n for n, _ in seen]
+    assert straight[2:] != straight[:2], "pick a seed whose restarted draws differ, or the test cannot fail"
+    assert resumed == straight, (resumed, straight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 15: second stage from an SFD-v model.
+
+
+def test_second_stage_teacher_runs_at_step_condition_of_its_teacher_schedule(tiny_teacher_pkl, monkeypatch, tmp_path):
+    run(tiny_teacher_pkl[0], use_step_condition=True, run_dir=str(tmp_path / "first"))
+    snapshot = glob.glob(str(tmp_path / "first" / "network-snapshot-*.safetensors"))[0]
+    rec = Recorder(monkeypatch)
+    run(snapshot, is_second_stage=True, num_steps=3, M=2, lpips=False, sampler_tea="euler")
+    teacher, student = rec.role("teacher"), rec.role("student")
+    # Euler over (M+1)(N-1)+1 = 7 points with the first stage's AFS: 5 network calls, all at step condition 7.
+    assert len(teacher) == 5 and all(c["step_condition"] == [7.0] for c in teacher), [c["step_condition"] for c in teacher]
+    assert len(student) == 1 and student[0]["step_condition"] == [3.0]  # the student: its own num_steps
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 16: Stable Diffusion trains at guidance 1.
+
+
+def test_sd_trains_at_guidance_one(tmp_path, monkeypatch):
+    from models import BACKBONES
+    from tests.latent_tiny import (TINY_SD, compvis_state, reference_parts, tiny_row, write_captions, write_ckpt,
+                                   write_tokenizer)
+
+    row = tiny_row("tiny_sd_loop", TINY_SD, file_name="v1-5-pruned-emaonly.ckpt", sigma_min=0.1)
+    monkeypatch.setitem(BACKBONES, row.dataset_name, row)
+    folder = tmp_path / "src" / row.dataset_name
+    write_ckpt(str(folder / row.file_name), compvis_state(TINY_SD, reference_parts(TINY_SD, seed=11)))
+    write_tokenizer(str(folder / "tokenizer"))
+    write_captions(str(folder / "c.csv"))
+
+    rec = Recorder(monkeypatch)
+    unet_batches = []
+    real = loop.load_network
+
+    def with_unet_hook(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded.net.model.diffusion_model.register_forward_pre_hook(lambda m, a: unet_batches.append(len(a[0])))
+        return loaded
+
+    monkeypatch.setattr(loop, "load_network", with_unet_hook)
+    res = training_loop(dataset_name=row.dataset_name, cache_root=str(tmp_path / "src"), guidance_type="cfg",
+                        guidance_rate=7.5, batch_size=2, total_kimg=0.002, num_steps=3, M=1, sampler_tea="euler",
+                        schedule_type="discrete", device="cpu", progress=False, fp16=False, seed=0)
+    assert rec.calls and all(c["guidance_rate"] == 1.0 for c in rec.calls), {c["guidance_rate"] for c in rec.calls}
+    assert not any(c["unconditional"] for c in rec.calls)  # no unconditional branch is fed ...
+    assert unet_batches == [2] * len(rec.calls)  # ... or run: one U-Net pass of the batch per network call
+    assert res.settings["guidance_rate"] == 7.5  # sampling uses the stored rate
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 18: sampling an SFD-v snapshot.
+
+
+@pytest.mark.parametrize("num_steps", [4, 5, 6, 7])
+def test_sfdv_snapshot_samples_with_step_condition_num_steps(tmp_path, monkeypatch, num_steps):
+    """sample.py's real path on an SFD-v snapshot (the one the paper's loop wrote, tests/data/reference)."""
+    from click.testing import CliRunner
+
+    import models
+    import sample
+
+    seen = []
+    real = models.load_network
+
+    def loading(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded.net.register_forward_pre_hook(
+            lambda m, a, k: seen.append((float(torch.as_tensor(a[1]).reshape(-1)[0]), k.get("step_condition"))),
+            with_kwargs=True)
+        return loaded
+
+    monkeypatch.setattr(models, "load_network", loading)
+    snapshot = os.path.join(os.path.dirname(__file__), "data", "reference", "paper-snapshot",
+                            "sfdv-network-snapshot-000001.pkl")
+    r = CliRunner().invoke(sample.main, ["--model_path", snapshot, "--seeds", "0-1", "--num_steps", str(num_steps),
+                                         "--outdir", str(tmp_path), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    # AFS replaces the first of the num_steps - 1 Euler steps; every network call carries num_steps.
+    assert [s for s, _ in seen] == pytest.approx(t_steps(num_steps)[1:-1], rel=1e-6)
+    assert [sorted(set(torch.as_tensor(c).reshape(-1).tolist())) for _, c in seen] == [[num_steps]] * (num_steps - 2)
