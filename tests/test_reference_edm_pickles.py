@@ -27,14 +27,16 @@ REL_TOL = 1e-4
 def assert_close_rel(got, expected, what):
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     err, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
-    assert err <= REL_TOL * scale, f"{what}: max|got - expected| = {err:.3e} > {REL_TOL:g} * max|expected| ({scale:.3e})"
+    assert err <= REL_TOL * scale, (f"{what}: max|got - expected| = {err:.3e} > {REL_TOL:g} * max|expected| "
+                                    f"({scale:.3e})")
 
 
 @pytest.fixture(scope="module", params=sorted(NETWORKS))
 def case(request):
     stem = request.param
     path = os.path.join(HERE, stem + ".pkl")
-    return dict(stem=stem, path=path, loaded=load_network(model_path=path), outputs=np.load(os.path.join(HERE, stem + ".npz")))
+    return dict(stem=stem, path=path, loaded=load_network(model_path=path),
+                outputs=np.load(os.path.join(HERE, stem + ".npz")))
 
 
 def test_denoiser_matches_edms_outputs(case):

@@ -149,7 +149,8 @@ def test_architecture_is_read_off_the_module_tree(stem):
     arch = _paper_architecture(record, persistence.record_tensors(record), stem)
     recorded = record.init_kwargs
     # attn_resolutions leaves no trace where no block has heads (ADM below 64 channels): the networks are equal.
-    no_heads = recorded["model_type"] == "DhariwalUNet" and max(recorded["channel_mult"]) * recorded["model_channels"] < 64
+    widest = max(recorded["channel_mult"]) * recorded["model_channels"]
+    no_heads = recorded["model_type"] == "DhariwalUNet" and widest < 64
     for key, value in recorded.items():
         if key in ("use_fp16",) or (key == "attn_resolutions" and no_heads):
             continue

@@ -58,7 +58,8 @@ def run_recorded(run):
         teacher.ignore_step_condition()
     net.train().requires_grad_(True)
     opt_kwargs = st["optimizer_kwargs"]
-    assert (opt_kwargs["class_name"], opt_kwargs["betas"], opt_kwargs["eps"]) == ("torch.optim.Adam", [0.9, 0.999], 1e-8)
+    assert (opt_kwargs["class_name"], opt_kwargs["betas"], opt_kwargs["eps"]) == ("torch.optim.Adam", [0.9, 0.999],
+                                                                                    1e-8)
     optimizer = make_optimizer(net.parameters(), opt_kwargs["lr"])  # the loop's own optimizer
     cfg = sfd_loss.TeacherConfig(
         solver=lk["sampler_tea"], schedule_type=lk["schedule_type"], schedule_rho=lk["schedule_rho"],
