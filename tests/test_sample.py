@@ -2,6 +2,7 @@
 
 import glob
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -142,6 +143,28 @@ def test_each_seed_draws_its_latent_then_its_class_label():
     torch.testing.assert_close(labels, expected_labels, rtol=0, atol=0)
     assert all(c[2] is labels for c in net.calls)
     assert len(set(labels.argmax(1).tolist())) > 2  # the seeds draw different classes
+
+
+def test_sample_py_feeds_a_class_conditional_model_edms_latents_and_labels(tmp_path, monkeypatch):
+    from models.precond import _Precond
+
+    snap = cond_snapshot(tmp_path)
+    seen = []
+    real = _Precond.forward
+
+    def recording(self, x, sigma, class_labels=None, *args, **kwargs):
+        seen.append((x.clone(), float(torch.as_tensor(sigma).reshape(-1)[0]), class_labels.clone()))
+        return real(self, x, sigma, class_labels, *args, **kwargs)
+
+    monkeypatch.setattr(_Precond, "forward", recording)
+    r = run_sample("--model_path", snap, "--seeds", "11-16", "--batch", "6", "--outdir", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    latents, labels = edm_latents_and_labels(range(11, 17), [3, 8, 8], 4)
+    x, sigma, got_labels = seen[0]  # AFS snapshot: the first call is at t_1, after the analytical step
+    t0 = SETTINGS["sigma_max"]
+    x0 = latents * torch.tensor(t0, dtype=torch.float32)
+    torch.testing.assert_close(x, x0 + (sigma - t0) * x0 / math.sqrt(1 + t0 ** 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_labels, labels, rtol=0, atol=0)
 
 
 def edm_uint8(x):
