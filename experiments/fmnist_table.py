@@ -1,22 +1,33 @@
-"""Reproduce the shape of the paper's Table 2 on the built-in Fashion-MNIST teacher, on whatever machine runs it.
+"""The paper's Table 2 on the built-in Fashion-MNIST teacher, at the paper's budget, on whatever machine runs it.
 
-Rows: DDIM/Euler at 10 and 50 NFE, DPM-Solver++(3M) at 5 and 10 NFE, SFD at 2/3/4/5 NFE (one model each),
-SFD-v (one model) at 2..5 NFE, second stage at 1 NFE. Columns: NFE, FID (our Fashion-MNIST detector against the
-training-set statistics), mean PSNR to the teacher's converged ODE endpoint from the same latents, distillation
-wall time, machine. Every number is measured by this script; nothing is tuned per row.
+Rows: DDIM/Euler at 10 and 50 NFE, DPM-Solver++(3M) at 5 and 10 NFE, SFD at 2/3/4/5 NFE (one model each), SFD-v
+(one model) at 2..5 NFE, the second stage at 1 NFE. Columns, every one measured here:
+- teacher-FID: FID against the teacher's own converged samples (`assets/fmnist-teacher-ref.npz`, 10k Heun-34
+  samples on seeds disjoint from the evaluation seeds; `experiments/fmnist_metric.py` shows that it ranks solvers);
+- data-FID: FID against the Fashion-MNIST training set;
+- PSNR to the teacher's converged ODE endpoint (Heun) from the same latents;
+- the distillation budget, its wall time and the machine.
+Distillation follows `launch.sh` (the paper's CIFAR-10 recipes): SFD 200 kimg, SFD-v 800 kimg, both batch 128,
+lr 5e-5, DPM-Solver++(3M) teacher with M=3 and AFS; second stage from the SFD-v model, 2000 kimg, lr 5e-4, M=2
+(LPIPS off: offline). `--row_kimg sfd3=50,...` gives a row a smaller budget; the table states each row's.
 
-    python experiments/fmnist_table.py --num 10000 --kimg 10 --out experiments/fmnist_table.md
+SFD-2 also records its distillation curve: a snapshot every `--curve_every` ticks, each scored like a row.
+`--plots` writes the quality-vs-NFE plot and the curve (needs matplotlib; without it only the table is written).
 
-The run is resumable: the work folder keeps the settings, the reference endpoint, every finished row and every
-distilled snapshot, so running the same command again (after a crash or on another day) only computes what is
-missing; `--rows` restricts a run to some rows. A work folder made with other settings is refused.
+    python experiments/fmnist_table.py --num 10000 --workdir exps/table --out experiments/fmnist_table.md --plots
+
+Everything is resumable: the work folder keeps the settings, the endpoint images, every finished row, every
+snapshot, and the training-state dumps of the distillations (every `--dump_every` ticks), so the same command after
+a crash, a kill or the end of a session continues where it stopped. `--rows` restricts a run to some rows. A work
+folder made with other settings is refused.
 """
 
+import glob
 import json
 import os
 import platform
+import re
 import sys
-import tempfile
 import time
 
 import click
@@ -28,15 +39,24 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)  # run as a script from anywhere
 
 import solvers  # noqa: E402
-from metrics.detectors import load_detector  # noqa: E402
-from metrics.frechet import StreamingFID, load_ref  # noqa: E402
+from dnnlib.util import atomic_path, write_atomic  # noqa: E402
+from metrics.detectors import compute_features, load_detector  # noqa: E402
+from metrics.frechet import FeatureStats, frechet_distance, load_ref  # noqa: E402
 from metrics.images import psnr_uint8  # noqa: E402
 from models import load_network  # noqa: E402
 from sample import SeedGenerators, to_uint8  # noqa: E402
-from dnnlib.util import atomic_path, write_atomic  # noqa: E402
 from torch_utils.cli import CommandError  # noqa: E402
+from training import state as train_state  # noqa: E402
 from training.precision import maybe_compile, prepare_module  # noqa: E402
 from training.training_loop import training_loop  # noqa: E402
+
+ASSETS = os.path.join(REPO, "assets")
+
+# Row keys in table order; `--rows` takes a comma-separated subset.
+ROW_KEYS = ("ref", "ddim10", "ddim50", "dpmpp5", "dpmpp10", "sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
+DISTILLED = ("sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
+SFDV_NFES = (2, 3, 4, 5)
+CURVE_KEY = "sfd2"
 
 
 def machine_name(device):
@@ -61,28 +81,23 @@ def run_sampler(net, sampler, seeds, batch, device, fast=None, **kwargs):
     return torch.cat(out)
 
 
-def fid_of(images, detector, ref, device):
-    fid = StreamingFID(detector, ref[0], ref[1], device=device)
-    for start in range(0, len(images), 500):
-        fid.add_images(images[start:start + 500].to(device))
-    return float(fid.compute())
+class Scorer:
+    """Teacher-FID, data-FID and (given the endpoint images) PSNR of uint8 images, from one detector pass."""
 
+    def __init__(self, detector, teacher_ref, data_ref, device, endpoint=None):
+        self.detector, self.teacher_ref, self.data_ref = detector, teacher_ref, data_ref
+        self.endpoint, self.device = endpoint, device
 
-def distil(teacher_path, outdir, kimg, batch, device, seed, **options):
-    """Run SFD and return (snapshot path, wall seconds)."""
-    run_dir = tempfile.mkdtemp(dir=outdir, prefix="run-")
-    print(f"distilling into {run_dir}: {kimg:g} kimg, {options}", flush=True)
-    t0 = time.time()
-    training_loop(run_dir=run_dir, model_path=teacher_path, batch_size=batch, total_kimg=kimg, seed=seed,
-                  device=str(device), progress=True, **options)
-    seconds = time.time() - t0
-    snap = [f for f in os.listdir(run_dir) if f.startswith("network-snapshot-")][0]
-    return os.path.join(run_dir, snap), seconds
-
-
-# Row keys in table order; `--rows` takes a comma-separated subset.
-ROW_KEYS = ("ref", "ddim10", "ddim50", "dpmpp5", "dpmpp10", "sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
-SFDV_NFES = (2, 3, 4, 5)
+    def __call__(self, images):
+        stats = FeatureStats()
+        for start in range(0, len(images), 500):
+            stats.add(compute_features(self.detector, images[start:start + 500], device=self.device))
+        mu, sigma = stats.mean_cov()
+        scores = dict(teacher_fid=float(frechet_distance(mu, sigma, *self.teacher_ref)),
+                      fid=float(frechet_distance(mu, sigma, *self.data_ref)))
+        if self.endpoint is not None:
+            scores["psnr"] = psnr_uint8(images, self.endpoint[:len(images)])
+        return scores
 
 
 def parse_rows(text):
@@ -93,8 +108,69 @@ def parse_rows(text):
     return keys
 
 
+def parse_row_kimg(text):
+    """'sfd3=50,sfdv=100' -> {'sfd3': 50.0, 'sfdv': 100.0}."""
+    budgets = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in DISTILLED:
+            raise CommandError(f"--row_kimg: {key!r} is not a distilled row; choose from {','.join(DISTILLED)}")
+        try:
+            budgets[key] = float(value)
+        except ValueError:
+            raise CommandError(f"--row_kimg: {item!r} is not ROW=KIMG (e.g. sfd3=50)") from None
+        if budgets[key] <= 0:
+            raise CommandError(f"--row_kimg: {key} needs a positive budget, got {value}")
+    return budgets
+
+
+def distillation_seconds(run_dir, until_kimg=float("inf")):
+    """Wall time of a (possibly resumed) distillation up to `until_kimg`: the sum of its ticks in stats.jsonl."""
+    total, last_kimg = 0.0, 0.0
+    for line in open(os.path.join(run_dir, "stats.jsonl")):
+        entry = json.loads(line)
+        if entry["kimg"] > until_kimg + 1e-9:
+            break
+        total += entry["sec_per_kimg"] * (entry["kimg"] - last_kimg)
+        last_kimg = entry["kimg"]
+    return total
+
+
+def distil(run_dir, teacher_path, kimg, batch, device, seed, tick, dump_every, curve_every=None, **options):
+    """Run SFD into run_dir, or resume it from its latest training-state dump, or find it finished.
+
+    Returns the final snapshot's path and the wall seconds of the whole run (all resumptions together)."""
+    done_marker = os.path.join(run_dir, "done.json")
+    if not os.path.exists(done_marker):
+        os.makedirs(run_dir, exist_ok=True)
+        dump = train_state.latest_dump(run_dir)
+        print(f"distilling into {run_dir}: {kimg:g} kimg, {options}" + (f", resuming {dump}" if dump else ""),
+              flush=True)
+        training_loop(run_dir=run_dir, model_path=teacher_path, batch_size=batch, total_kimg=kimg, seed=seed,
+                      device=str(device), progress=True, kimg_per_tick=tick, state_dump_ticks=dump_every,
+                      snapshot_ticks=curve_every, resume_state=dump, **options)
+        final = os.path.basename(snapshots_of(run_dir)[-1][1])
+        write_atomic(done_marker, json.dumps(dict(snapshot=final)) + "\n")
+        for path in glob.glob(os.path.join(run_dir, "training-state-*.pt")):
+            os.remove(path)  # finished: the dumps (weights + Adam state each) are no longer needed
+    return os.path.join(run_dir, json.load(open(done_marker))["snapshot"]), distillation_seconds(run_dir)
+
+
+def snapshots_of(run_dir):
+    """[(kimg, path)] of a run's snapshots, oldest first."""
+    found = []
+    for name in os.listdir(run_dir):
+        m = re.fullmatch(r"network-snapshot-(\d+)\.safetensors", name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
 class WorkFolder:
-    """The resumable state of one table run: settings, reference endpoint, finished rows, distilled snapshots."""
+    """The resumable state of one table run: settings, endpoint images, finished rows, distillations."""
 
     def __init__(self, path, settings):
         self.path = path
@@ -113,11 +189,13 @@ class WorkFolder:
         self.rows_file = os.path.join(path, "rows.jsonl")
         self.rows = {}
         self.reload_rows()
-        self.snaps_file = os.path.join(path, "snapshots.json")
-        self.snaps = json.load(open(self.snaps_file)) if os.path.exists(self.snaps_file) else {}
 
-    def has(self, key, nfe):
-        return (key, nfe) in self.rows
+    @staticmethod
+    def row_id(row):
+        return (row["key"], row["nfe"], row.get("kimg"))
+
+    def has(self, key, nfe, kimg=None):
+        return (key, nfe, kimg) in self.rows
 
     def reload_rows(self):
         """Rows in rows.jsonl (also those another process appended to the same folder since)."""
@@ -125,26 +203,18 @@ class WorkFolder:
             for line in open(self.rows_file):
                 if line.strip():
                     row = json.loads(line)
-                    self.rows.setdefault((row["key"], row["nfe"]), row)
+                    self.rows.setdefault(self.row_id(row), row)
 
     def add_row(self, row):
-        self.rows[(row["key"], row["nfe"])] = row
+        self.rows[self.row_id(row)] = row
         with open(self.rows_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    def snapshot(self, key, make):
-        """(path, seconds) of the snapshot distilled for `key`, made by `make()` the first time."""
-        if key not in self.snaps or not os.path.exists(self.snaps[key][0]):
-            made = list(make())
-            # Re-read first: another process may be filling other rows of the same folder.
-            if os.path.exists(self.snaps_file):
-                self.snaps.update(json.load(open(self.snaps_file)))
-            self.snaps[key] = made
-            write_atomic(self.snaps_file, json.dumps(self.snaps, indent=2) + "\n")
-        return self.snaps[key]
+    def run_dir(self, key, kimg):
+        return os.path.join(self.path, "distil", f"{key}-{kimg:g}kimg")
 
-    def reference(self, make):
+    def endpoint(self, make):
         """uint8 endpoint images, computed once and kept as reference.npy."""
         path = os.path.join(self.path, "reference.npy")
         if os.path.exists(path):
@@ -154,31 +224,54 @@ class WorkFolder:
             np.save(f, images.numpy())
         return images
 
+    def table_rows(self):
+        return sorted((r for r in self.rows.values() if r["key"] in ROW_KEYS),
+                      key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
 
-def teacher_id(path):
+    def curve_rows(self):
+        return sorted((r for r in self.rows.values() if r["key"] == "curve"), key=lambda r: r["kimg"])
+
+
+def file_id(path):
     return f"{os.path.basename(path)}:{os.path.getsize(path)}"
 
 
 @click.command()
-@click.option("--teacher", default=os.path.join(REPO, "assets", "fmnist-teacher.pkl"), show_default=True)
-@click.option("--detector", default=os.path.join(REPO, "assets", "fmnist-detector.pt"), show_default=True)
-@click.option("--ref", default=os.path.join(REPO, "assets", "fmnist-train-ref.npz"), show_default=True)
-@click.option("--num", help="Samples per row", type=click.IntRange(min=2), default=10000, show_default=True)
-@click.option("--kimg", help="Distillation length of each SFD model (SFD-v: 2×, second stage: 1×)", type=float,
-              default=10, show_default=True)
-@click.option("--batch", help="Distillation batch", type=int, default=64, show_default=True)
-@click.option("--lr", help="First-stage learning rate, the same for every SFD row", type=float, default=5e-4,
+@click.option("--teacher", default=os.path.join(ASSETS, "fmnist-teacher.pkl"), show_default=True)
+@click.option("--detector", default=os.path.join(ASSETS, "fmnist-detector.pt"), show_default=True)
+@click.option("--ref", default=os.path.join(ASSETS, "fmnist-train-ref.npz"), show_default=True,
+              help="Training-set statistics (data-FID)")
+@click.option("--teacher_ref", default=os.path.join(ASSETS, "fmnist-teacher-ref.npz"), show_default=True,
+              help="The teacher's converged-sample statistics (teacher-FID)")
+@click.option("--num", help="Samples per row (seeds 0..num-1)", type=click.IntRange(min=2), default=10000,
               show_default=True)
-@click.option("--lr2", help="Second-stage learning rate  [default: --lr; the paper uses 10x its first-stage lr]",
-              type=float, default=None)
-@click.option("--thresholding", type=bool, default=True, show_default=True,
-              help="DPM-Solver++ dynamic thresholding in the baseline rows and the SFD teacher (the paper: on)")
-@click.option("--sample_batch", type=int, default=500, show_default=True)
-@click.option("--reference_steps", help="Heun time points of the converged reference (NFE = 2(N-1))", type=int,
-              default=51, show_default=True)
+@click.option("--kimg", help="Budget of each SFD row (launch.sh: 200)", type=click.FloatRange(min=0, min_open=True),
+              default=200, show_default=True)
+@click.option("--kimg_v", help="Budget of the SFD-v model (launch.sh: 800)", type=click.FloatRange(min=0, min_open=True),
+              default=800, show_default=True)
+@click.option("--kimg2", help="Budget of the second stage (launch.sh: 2000)",
+              type=click.FloatRange(min=0, min_open=True), default=2000, show_default=True)
+@click.option("--row_kimg", default=None, help="Smaller budgets for some rows, e.g. sfd3=50,sfdv=100")
+@click.option("--batch", help="Distillation batch (launch.sh: 128)", type=click.IntRange(min=1), default=128,
+              show_default=True)
+@click.option("--lr", help="First-stage learning rate (launch.sh: 5e-5)", type=float, default=5e-5, show_default=True)
+@click.option("--lr2", help="Second-stage learning rate (launch.sh: 5e-4)", type=float, default=5e-4,
+              show_default=True)
+@click.option("--thresholding", type=bool, default=False, show_default=True,
+              help="DPM-Solver++ dynamic thresholding in the baseline rows and the SFD teacher (train.py's default)")
+@click.option("--sample_batch", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--reference_steps", help="Heun time points of the PSNR endpoint (NFE = 2(N-1))", type=int,
+              default=18, show_default=True)
+@click.option("--tick", help="Distillation tick in kimg (status line; the unit of the two options below)",
+              type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option("--curve_every", help="SFD-2 snapshot (and curve point) interval in ticks", type=click.IntRange(min=1),
+              default=10, show_default=True)
+@click.option("--dump_every", help="Training-state dump interval of the distillations in ticks",
+              type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--rows", "rows_text", help=f"Comma-separated rows to compute  [default: all: {','.join(ROW_KEYS)}]",
               default=None)
-@click.option("--table_only", is_flag=True, help="Only write the table of the rows already finished in --workdir")
+@click.option("--table_only", is_flag=True, help="Only write the table (and plots) of the rows already finished")
+@click.option("--plots", is_flag=True, help="Also write <out>-nfe.png and <out>-curve.png (needs matplotlib)")
 @click.option("--channels_last", type=bool, default=False, show_default=True,
               help="Channels-last networks for sampling and distillation (same numbers, faster on some machines)")
 @click.option("--compile", "compile_", type=bool, default=False, show_default=True,
@@ -188,25 +281,28 @@ def teacher_id(path):
 @click.option("--out", help="Markdown table to write", default=os.path.join(REPO, "experiments", "fmnist_table.md"),
               show_default=True)
 @click.option("--device", default=None)
-def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample_batch, reference_steps, rows_text,
-         table_only, channels_last, compile_, workdir, out, device):
+def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg, batch, lr, lr2, thresholding,
+         sample_batch, reference_steps, tick, curve_every, dump_every, rows_text, table_only, plots, channels_last,
+         compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     wanted = parse_rows(rows_text)
-    for path, opt in ((teacher, "--teacher"), (detector, "--detector"), (ref, "--ref")):
+    budgets = {k: kimg for k in ("sfd2", "sfd3", "sfd4", "sfd5")}
+    budgets.update(sfdv=kimg_v, stage2=kimg2)
+    budgets.update(parse_row_kimg(row_kimg))
+    for path, opt in ((teacher, "--teacher"), (detector, "--detector"), (ref, "--ref"),
+                      (teacher_ref, "--teacher_ref")):
         if not os.path.isfile(path):
             raise CommandError(f"{opt}: no file {path}; pass an existing file")
-    settings = dict(teacher=teacher_id(teacher), num=num, kimg=kimg, batch=batch, lr=lr, lr2=lr2 or lr,
-                    thresholding=thresholding, reference_steps=reference_steps)
+    settings = dict(teacher=file_id(teacher), detector=file_id(detector), teacher_ref=file_id(teacher_ref), num=num,
+                    batch=batch, lr=lr, lr2=lr2, thresholding=thresholding, reference_steps=reference_steps,
+                    tick=tick, curve_every=curve_every)
     work = WorkFolder(workdir, settings)
     if table_only:
-        machine = work.rows[next(iter(work.rows))]["machine"] if work.rows else machine_name(device)
-        write_table(out, work, settings, machine)
+        finish(out, work, settings, plots)
         return
     loaded = load_network(model_path=teacher, device=device)
     s = loaded.settings
     sig = dict(sigma_min=s["sigma_min"], sigma_max=s["sigma_max"])
-    det = load_detector(detector, device=device)
-    ref_stats = load_ref(ref)
     seeds = list(range(num))
     machine = machine_name(device)
     speed = dict(channels_last=channels_last, compile=compile_)
@@ -214,93 +310,191 @@ def main(teacher, detector, ref, num, kimg, batch, lr, lr2, thresholding, sample
     def fast(net):
         return maybe_compile(prepare_module(net, channels_last=channels_last), compile_)
 
-    def sampled(net, sampler, **kwargs):
-        return run_sampler(net, sampler, seeds, sample_batch, device, fast=fast(net), **kwargs)
-
     teacher_net = loaded.net
     teacher_fast = fast(teacher_net)
     ref_nfe = solvers.nfe_of("heun", reference_steps)
 
-    def make_reference():
+    def make_endpoint():
         t0 = time.time()
         images = run_sampler(teacher_net, "heun", seeds, sample_batch, device, fast=teacher_fast,
                              num_steps=reference_steps, **sig)
-        print(f"reference: Heun {ref_nfe} NFE in {time.time() - t0:.0f}s", flush=True)
+        print(f"endpoint: Heun {ref_nfe} NFE in {time.time() - t0:.0f}s", flush=True)
         return images
 
-    endpoint = work.reference(make_reference)
+    endpoint = work.endpoint(make_endpoint)
+    score = Scorer(load_detector(detector, device=device), load_ref(teacher_ref), load_ref(ref), device, endpoint)
 
-    def add(key, name, nfe, make_images, seconds=None):
+    def add(key, name, nfe, make_images, distilled=None):
+        """distilled: (budget kimg, wall seconds) of the row's model."""
         if work.has(key, nfe):
             return
-        images = make_images()
-        secs = seconds() if callable(seconds) else seconds
-        work.add_row(dict(key=key, method=name, nfe=nfe, fid=fid_of(images, det, ref_stats, device),
-                          psnr=psnr_uint8(images, endpoint), distill_s=secs, machine=machine, num=num))
+        row = dict(key=key, method=name, nfe=nfe, **score(make_images()), machine=machine, num=num)
+        if distilled is not None:
+            row.update(budget_kimg=distilled[0], distill_s=distilled[1])
+        work.add_row(row)
 
-    def teacher_rows(key, name, nfe, sampler, **kwargs):
+    def teacher_row(key, name, nfe, sampler, **kwargs):
         add(key, name, nfe, lambda: run_sampler(teacher_net, sampler, seeds, sample_batch, device, fast=teacher_fast,
                                                 num_steps=nfe + 1, **kwargs, **sig))
 
+    def student_images(snap, num_steps, step_condition=None):
+        student = load_network(model_path=snap, device=device).net
+        return run_sampler(student, "euler", seeds, sample_batch, device, fast=fast(student), num_steps=num_steps,
+                           afs=True, step_condition=step_condition, **sig)
+
     if "ref" in wanted:
-        add("ref", "Teacher, Heun (reference)", ref_nfe, lambda: endpoint)
+        add("ref", "Teacher, Heun (endpoint)", ref_nfe, lambda: endpoint)
     for nfe in (10, 50):
         if f"ddim{nfe}" in wanted:
-            teacher_rows(f"ddim{nfe}", "DDIM (Euler)", nfe, "euler")
+            teacher_row(f"ddim{nfe}", "DDIM (Euler)", nfe, "euler")
     for nfe in (5, 10):
         if f"dpmpp{nfe}" in wanted:
-            teacher_rows(f"dpmpp{nfe}", "DPM-Solver++(3M)", nfe, "dpmpp", max_order=3, thresholding=thresholding)
+            teacher_row(f"dpmpp{nfe}", "DPM-Solver++(3M)", nfe, "dpmpp", max_order=3, thresholding=thresholding)
 
     common = dict(M=3, afs=True, sampler_tea="dpmpp", max_order=3, lr=lr, thresholding=thresholding, **speed)
     for nfe in (2, 3, 4, 5):
         key = f"sfd{nfe}"
-        if key in wanted and not work.has(key, nfe):
-            snap, secs = work.snapshot(key, lambda: distil(teacher, workdir, kimg, batch, device, seed=nfe,
-                                                           num_steps=nfe + 2, **common))
-            student = load_network(model_path=snap, device=device).net
-            add(key, "SFD", nfe, lambda: sampled(student, "euler", num_steps=nfe + 2, afs=True, **sig), secs)
+        if key not in wanted or work.has(key, nfe):
+            continue
+        run_dir = work.run_dir(key, budgets[key])
+        snap, secs = distil(run_dir, teacher, budgets[key], batch, device, nfe, tick, dump_every,
+                            curve_every=curve_every if key == CURVE_KEY else None, num_steps=nfe + 2, **common)
+        if key == CURVE_KEY:
+            for at, path in snapshots_of(run_dir):
+                if not work.has("curve", nfe, at):
+                    row = dict(key="curve", method="SFD", nfe=nfe, kimg=at, **score(student_images(path, nfe + 2)),
+                               distill_s=distillation_seconds(run_dir, at), machine=machine, num=num)
+                    work.add_row(row)
+        add(key, "SFD", nfe, lambda: student_images(snap, nfe + 2), (budgets[key], secs))
 
     def sfdv_snapshot():
-        return work.snapshot("sfdv", lambda: distil(teacher, workdir, 2 * kimg, batch, device, seed=10, num_steps=4,
-                                                    use_step_condition=True, **common))
+        return distil(work.run_dir("sfdv", budgets["sfdv"]), teacher, budgets["sfdv"], batch, device, 10, tick,
+                      dump_every, num_steps=4, use_step_condition=True, **common)
 
     if "sfdv" in wanted and not all(work.has("sfdv", n) for n in SFDV_NFES):
         snap_v, secs_v = sfdv_snapshot()
-        student_v = load_network(model_path=snap_v, device=device).net
         for nfe in SFDV_NFES:
-            add("sfdv", "SFD-v (one model)", nfe, lambda: sampled(student_v, "euler", num_steps=nfe + 2, afs=True,
-                                                                   step_condition=nfe + 2, **sig), secs_v)
+            add("sfdv", "SFD-v (one model)", nfe, lambda: student_images(snap_v, nfe + 2, step_condition=nfe + 2),
+                (budgets["sfdv"], secs_v))
     if "stage2" in wanted and not work.has("stage2", 1):
         snap_v, secs_v = sfdv_snapshot()
-        snap_2, secs_2 = work.snapshot("stage2", lambda: distil(snap_v, workdir, kimg, batch, device, seed=11,
-                                                                num_steps=3, M=2, afs=True, is_second_stage=True,
-                                                                lpips=False, lr=lr2 or lr, **speed))
-        student_2 = load_network(model_path=snap_2, device=device).net
-        add("stage2", "SFD second stage", 1, lambda: sampled(student_2, "euler", num_steps=3, afs=True,
-                                                             step_condition=3, **sig), secs_2 + secs_v)
+        snap_2, secs_2 = distil(work.run_dir("stage2", budgets["stage2"]), snap_v, budgets["stage2"], batch, device,
+                                11, tick, dump_every, num_steps=3, M=2, afs=True, is_second_stage=True, lpips=False,
+                                lr=lr2, **speed)
+        add("stage2", "SFD second stage (from SFD-v)", 1, lambda: student_images(snap_2, 3, step_condition=3),
+            (budgets["stage2"], secs_2 + secs_v))
 
     work.reload_rows()
-    write_table(out, work, settings, machine)
+    finish(out, work, settings, plots)
 
 
-def write_table(out, work, settings, machine):
-    """Markdown table of every finished row in table order (rows from earlier runs of the same folder included)."""
+def finish(out, work, settings, plots):
+    write_table(out, work, settings)
+    if plots:
+        write_plots(os.path.splitext(out)[0], work)
+
+
+def format_minutes(seconds):
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
+
+
+def write_table(out, work, settings):
+    """Markdown table of every finished row in table order, then the SFD-2 curve (rows of earlier runs included)."""
     st = settings
-    lines = [f"Fashion-MNIST 32×32 teacher, {st['num']} samples per row, FID with our detector against the training "
-             f"set, PSNR to the Heun-{solvers.nfe_of('heun', st['reference_steps'])} endpoint from the same latents. "
-             f"Machine: {machine}{' (each distillation time names its own)' if len({r['machine'] for r in work.rows.values()}) > 1 else ''}. Distillation: {st['kimg']:g} kimg per SFD model (SFD-v {2 * st['kimg']:g}), batch "
-             f"{st['batch']}, lr {st['lr']:g} (second stage {st['lr2']:g}, from the SFD-v model, LPIPS off), M=3, "
-             f"DPM-Solver++(3M) teacher, AFS, thresholding {'on' if st['thresholding'] else 'off'}.", "",
-             "| method | NFE | FID | PSNR (dB) | distillation time |", "|---|---|---|---|---|"]
-    ordered = sorted(work.rows.values(), key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
-    mixed = len({r["machine"] for r in ordered}) > 1  # rows filled by runs with other thread counts
-    for r in ordered:
-        t = "" if r["distill_s"] is None else f"{r['distill_s'] / 60:.1f} min"
-        if mixed and t:
+    rows = work.table_rows()
+    machines = sorted({r["machine"] for r in rows if r.get("distill_s") is not None})
+    lines = [f"Fashion-MNIST 32×32 teacher `{st['teacher'].split(':')[0]}`, {st['num']} samples per row (seeds "
+             f"0..{st['num'] - 1}). teacher-FID: against {st['teacher_ref'].split(':')[0]} (the teacher's converged "
+             f"samples); data-FID: against the training set; both with `{st['detector'].split(':')[0]}`. PSNR: to "
+             f"the Heun-{solvers.nfe_of('heun', st['reference_steps'])} endpoint from the same latents. "
+             f"Distillation: batch {st['batch']}, lr {st['lr']:g} (second stage {st['lr2']:g}, from the SFD-v model, "
+             f"M=2, LPIPS off), M=3 DPM-Solver++(3M) teacher, AFS, thresholding "
+             f"{'on' if st['thresholding'] else 'off'}; machine: {', '.join(machines) or '-'}.", "",
+             "| method | NFE | teacher-FID | data-FID | PSNR (dB) | budget | distillation time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = f"{r['budget_kimg']:g} kimg" if r.get("budget_kimg") else ""
+        t = format_minutes(r["distill_s"]) if r.get("distill_s") is not None else ""
+        if len(machines) > 1 and t:
             t += f" ({r['machine']})"
-        lines.append(f"| {r['method']} | {r['nfe']} | {r['fid']:.2f} | {r['psnr']:.2f} | {t} |")
+        psnr = "(itself)" if r["key"] == "ref" else f"{r['psnr']:.2f}"
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {psnr} | {budget} "
+                     f"| {t} |")
+    curve = work.curve_rows()
+    if curve:
+        lines += ["", "SFD-2 distillation curve (snapshots of the SFD-2 row's run; the lr drops ÷10 at half of it):",
+                  "", "| kimg | teacher-FID | data-FID | PSNR (dB) | distillation time |", "|---|---|---|---|---|"]
+        lines += [f"| {r['kimg']} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {r['psnr']:.2f} | "
+                  f"{format_minutes(r['distill_s'])} |" for r in curve]
     write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def write_plots(prefix, work):
+    """<prefix>-nfe.png (quality vs NFE per method) and <prefix>-curve.png (SFD-2 distillation curve)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots written (pip install matplotlib)", flush=True)
+        return []
+    rows = work.table_rows()
+    methods = {}
+    for r in rows:
+        if r["key"] != "ref":
+            methods.setdefault(r["method"], []).append(r)
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rs in methods.items():
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        nfe = [r["nfe"] for r in rs]
+        style = "o-" if len(rs) > 1 else "*"
+        axes[0].plot(nfe, [r["teacher_fid"] for r in rs], style, label=name, markersize=8)
+        axes[1].plot(nfe, [r["psnr"] for r in rs], style, label=name, markersize=8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("teacher-FID (lower is better)")
+    axes[1].set_ylabel("PSNR to the converged endpoint (dB)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = f"{prefix}-nfe.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    written.append(path)
+
+    curve = work.curve_rows()
+    if curve:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        kimg = [r["kimg"] for r in curve]
+        axes[0].plot(kimg, [r["teacher_fid"] for r in curve], "o-", label="SFD, 2 NFE")
+        axes[1].plot(kimg, [r["psnr"] for r in curve], "o-", label="SFD, 2 NFE")
+        base = [r for r in rows if r["key"] == "dpmpp5"]
+        if base:
+            axes[0].axhline(base[0]["teacher_fid"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
+            axes[1].axhline(base[0]["psnr"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("teacher-FID")
+        axes[1].set_ylabel("PSNR (dB)")
+        minutes = curve[-1]["distill_s"] / 60
+        for ax in axes:
+            ax.set_xlabel(f"distillation kimg ({minutes:.0f} min for {kimg[-1]} kimg on {curve[-1]['machine']})")
+            ax.grid(True, alpha=0.3)
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{prefix}-curve.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+        written.append(path)
+    for path in written:
+        print(f"wrote {path}", flush=True)
+    return written
 
 
 if __name__ == "__main__":

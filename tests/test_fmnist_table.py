@@ -1,86 +1,172 @@
-"""The table script runs end to end on the built-in teacher (tiny sizes), fills every row, and resumes."""
+"""The table script end to end on a tiny teacher: every row, per-row budgets, the SFD-2 curve, plots, resuming a
+distillation from its dump, and the work folder's rules."""
 
+import builtins
 import json
+import os
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 from experiments import fmnist_table
+from tests.conftest import ROOT
 
-TINY = ["--num", "6", "--kimg", "0.004", "--batch", "4", "--sample_batch", "6", "--reference_steps", "3",
-        "--device", "cpu"]
+DATA_REF = os.path.join(ROOT, "assets", "fmnist-train-ref.npz")
+# The fmnist detector resizes the tiny teacher's 8x8 images; the training-set statistics stand in for the
+# teacher's own (any statistics of the detector's feature size do for the mechanics tested here).
+TINY = ["--num", "6", "--kimg", "0.008", "--kimg_v", "0.008", "--kimg2", "0.004", "--batch", "4",
+        "--sample_batch", "6", "--reference_steps", "3", "--teacher_ref", DATA_REF, "--device", "cpu"]
+
+
+@pytest.fixture
+def tiny(tiny_teacher_pkl):
+    return TINY + ["--teacher", tiny_teacher_pkl[0]]
 
 
 def read_rows(work):
     return [json.loads(line) for line in open(work / "rows.jsonl")]
 
 
-def test_table_script_fills_every_row_and_resumes(tmp_path):
+def run(args):
+    return CliRunner().invoke(fmnist_table.main, args)
+
+
+def test_table_script_fills_every_row_and_resumes(tmp_path, tiny):
     out, work = tmp_path / "table.md", tmp_path / "work"
-    args = TINY + ["--workdir", str(work), "--out", str(out)]
-    r = CliRunner().invoke(fmnist_table.main, args)
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--row_kimg", "sfd5=0.004"]
+    r = run(args)
     assert r.exit_code == 0, r.output
-    rows = read_rows(work)
+    rows = [row for row in read_rows(work) if row["key"] != "curve"]
     methods = [(row["method"], row["nfe"]) for row in rows]
-    assert methods == [("Teacher, Heun (reference)", 4), ("DDIM (Euler)", 10), ("DDIM (Euler)", 50),
+    assert methods == [("Teacher, Heun (endpoint)", 4), ("DDIM (Euler)", 10), ("DDIM (Euler)", 50),
                        ("DPM-Solver++(3M)", 5), ("DPM-Solver++(3M)", 10)] + [("SFD", n) for n in (2, 3, 4, 5)] + [
-                          ("SFD-v (one model)", n) for n in (2, 3, 4, 5)] + [("SFD second stage", 1)]
-    assert rows[0]["psnr"] > 90  # the reference against itself
-    assert all(row["fid"] > 0 and row["psnr"] > 0 for row in rows)
-    assert all(row["distill_s"] > 0 for row in rows if row["method"].startswith("SFD"))
+                          ("SFD-v (one model)", n) for n in (2, 3, 4, 5)] + [("SFD second stage (from SFD-v)", 1)]
+    assert rows[0]["psnr"] > 90  # the endpoint against itself
+    assert all(row["fid"] > 0 and row["teacher_fid"] > 0 and row["psnr"] > 0 for row in rows)
+    budgets = {row["key"]: row.get("budget_kimg") for row in rows}
+    assert budgets == dict(ref=None, ddim10=None, ddim50=None, dpmpp5=None, dpmpp10=None, sfd2=0.008, sfd3=0.008,
+                           sfd4=0.008, sfd5=0.004, sfdv=0.008, stage2=0.004)
+    assert all(row["distill_s"] > 0 for row in rows if row.get("budget_kimg"))
+    # The second stage's time includes the SFD-v model it was distilled from.
+    sfdv_s = next(row["distill_s"] for row in rows if row["key"] == "sfdv")
+    assert next(row["distill_s"] for row in rows if row["key"] == "stage2") > sfdv_s
     table = out.read_text()
-    assert table.count("\n| ") == 15 and "| SFD second stage | 1 |" in table
+    assert "| method | NFE | teacher-FID | data-FID | PSNR (dB) | budget | distillation time |" in table
+    assert "| SFD | 5 |" in table and "| 0.004 kimg |" in table and "| SFD second stage (from SFD-v) | 1 |" in table
+    # Finished distillations keep their snapshot and drop their training-state dumps.
+    assert not list(work.glob("distil/*/training-state-*.pt"))
+    assert (work / "distil" / "sfd2-0.008kimg" / "done.json").exists()
 
     # The same command again finds every row done: nothing is recomputed, nothing distilled again.
-    runs = sorted(p.name for p in work.iterdir() if p.name.startswith("run-"))
-    r = CliRunner().invoke(fmnist_table.main, args)
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("distil/*/*.safetensors")}
+    r = run(args)
     assert r.exit_code == 0, r.output
-    assert read_rows(work) == rows
-    assert sorted(p.name for p in work.iterdir() if p.name.startswith("run-")) == runs
+    assert read_rows(work) == [json.loads(line) for line in open(work / "rows.jsonl")]
+    assert [row for row in read_rows(work) if row["key"] != "curve"] == rows
+    assert {p: p.stat().st_mtime_ns for p in work.glob("distil/*/*.safetensors")} == stamps
     assert out.read_text() == table
     out.unlink()
-    r = CliRunner().invoke(fmnist_table.main, args + ["--table_only"])
-    assert r.exit_code == 0 and out.read_text() == table and read_rows(work) == rows
+    r = run(args + ["--table_only"])
+    assert r.exit_code == 0 and out.read_text() == table
 
     # Other settings in the same folder are refused with a one-line error naming the option.
-    r = CliRunner().invoke(fmnist_table.main, args[:1] + ["7"] + args[2:])
+    r = run(["--num", "7"] + args[2:])
     assert r.exit_code == 2 and "--workdir" in r.output and "num=6" in r.output
 
 
-def test_table_rows_subset_then_the_rest(tmp_path):
+def test_table_rows_subset_then_the_rest(tmp_path, tiny):
     work, out = tmp_path / "work", tmp_path / "t.md"
-    args = TINY + ["--workdir", str(work), "--out", str(out)]
-    r = CliRunner().invoke(fmnist_table.main, args + ["--rows", "ddim10,dpmpp5"])
+    args = tiny + ["--workdir", str(work), "--out", str(out)]
+    r = run(args + ["--rows", "ddim10,dpmpp5"])
     assert r.exit_code == 0, r.output
     assert [row["key"] for row in read_rows(work)] == ["ddim10", "dpmpp5"]
     assert (work / "reference.npy").exists()  # PSNR needs the endpoint even when its row is not asked for
     first = read_rows(work)
-    r = CliRunner().invoke(fmnist_table.main, args + ["--rows", "ref,sfd2,ddim10"])
+    r = run(args + ["--rows", "ref,sfd3,ddim10"])
     assert r.exit_code == 0, r.output
     rows = read_rows(work)
-    assert rows[:2] == first and [row["key"] for row in rows[2:]] == ["ref", "sfd2"]
+    assert rows[:2] == first and [row["key"] for row in rows[2:]] == ["ref", "sfd3"]
     lines = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert [ln.split(" | ")[0] for ln in lines] == ["| Teacher, Heun (reference)", "| DDIM (Euler)",
+    assert [ln.split(" | ")[0] for ln in lines] == ["| Teacher, Heun (endpoint)", "| DDIM (Euler)",
                                                      "| DPM-Solver++(3M)", "| SFD"]
 
 
-def test_table_unknown_row_is_a_clear_error(tmp_path):
-    r = CliRunner().invoke(fmnist_table.main, TINY + ["--workdir", str(tmp_path / "w"), "--rows", "sfd7"])
-    assert r.exit_code == 2 and "--rows" in r.output and "sfd7" in r.output
+@pytest.mark.parametrize("option, value, words", [("--rows", "sfd7", ["--rows", "sfd7"]),
+                                                   ("--row_kimg", "ddim10=5", ["--row_kimg", "ddim10"]),
+                                                   ("--row_kimg", "sfd3=abc", ["--row_kimg", "ROW=KIMG"]),
+                                                   ("--row_kimg", "sfd3=-1", ["--row_kimg", "positive"])])
+def test_table_bad_options_are_one_line_errors(tmp_path, tiny, option, value, words):
+    r = run(tiny + ["--workdir", str(tmp_path / "w"), option, value])
+    assert r.exit_code == 2 and all(w in r.output for w in words), r.output
+    assert "Traceback" not in r.output
 
 
-def test_budget_script_scores_snapshots_against_a_table_run(tmp_path):
-    from experiments import fmnist_sfd_budget
-
-    work = tmp_path / "work"
-    r = CliRunner().invoke(fmnist_table.main, TINY + ["--workdir", str(work), "--out", str(tmp_path / "t.md"),
-                                                      "--rows", "ref"])
+def test_sfd2_curve_scores_each_snapshot_and_plots(tmp_path, tiny):
+    pytest.importorskip("matplotlib")  # requirements-experiments.txt; CI installs it
+    work, out = tmp_path / "work", tmp_path / "t.md"
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "dpmpp5,sfd2", "--kimg", "3",
+                   "--batch", "16", "--curve_every", "1", "--plots"]
+    r = run(args)
     assert r.exit_code == 0, r.output
-    out = tmp_path / "budget.jsonl"
-    r = CliRunner().invoke(fmnist_sfd_budget.main, ["--table_workdir", str(work), "--kimg", "0.008", "--every", "1",
-                                                    "--num", "6", "--out", str(out)])
+    curve = [row for row in read_rows(work) if row["key"] == "curve"]
+    # Ticks end at 1.008, 2.016 and 3.008 kimg; EDM's loop snapshots after every tick but the first.
+    assert [row["kimg"] for row in curve] == [2, 3]
+    assert curve[0]["distill_s"] < curve[1]["distill_s"]
+    final = next(row for row in read_rows(work) if row["key"] == "sfd2")
+    # The last curve point is the row's own model on the same seeds.
+    assert curve[1]["psnr"] == final["psnr"] and curve[1]["teacher_fid"] == final["teacher_fid"]
+    assert curve[0]["psnr"] != final["psnr"]
+    assert "SFD-2 distillation curve" in out.read_text()
+    from PIL import Image
+
+    for name in ("t-nfe.png", "t-curve.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size[0] > 500 and im.size[1] > 300
+
+
+def test_without_matplotlib_the_table_is_still_written(tmp_path, tiny, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "t.md"
+    r = run(tiny + ["--workdir", str(tmp_path / "w"), "--out", str(out), "--rows", "ddim10", "--plots"])
     assert r.exit_code == 0, r.output
-    rows = [json.loads(line) for line in open(out)]
-    assert [row["method"] for row in rows] == ["DPM-Solver++(3M)", "SFD"]
-    assert all(row["fid"] > 0 and 0 < row["psnr"] < 100 for row in rows) and rows[1]["kimg"] == 0
-    r = CliRunner().invoke(fmnist_sfd_budget.main, ["--table_workdir", str(tmp_path / "nothing")])
-    assert r.exit_code == 2 and "--table_workdir" in r.output
+    assert "matplotlib is not installed" in r.output and "| DDIM (Euler) | 10 |" in out.read_text()
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_distillation_resumes_from_its_dump_after_a_kill(tmp_path, tiny_teacher_pkl, monkeypatch):
+    """A distillation killed after its first dump continues from it and ends with the uninterrupted weights."""
+    from models import load_snapshot
+    from training import state as train_state
+
+    pkl = tiny_teacher_pkl[0]
+    opts = dict(num_steps=4, M=3, afs=True, sampler_tea="dpmpp", max_order=3, lr=1e-3, thresholding=False)
+    whole, _ = fmnist_table.distil(str(tmp_path / "whole"), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
+
+    real_save = train_state.save_training_state
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt("killed after the first dump")
+
+    monkeypatch.setattr(train_state, "save_training_state", save_then_die)
+    run_dir = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        fmnist_table.distil(str(run_dir), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
+    assert not (run_dir / "done.json").exists() and list(run_dir.glob("training-state-*.pt"))
+    monkeypatch.setattr(train_state, "save_training_state", real_save)
+    resumed, seconds = fmnist_table.distil(str(run_dir), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
+    assert seconds > 0
+    kimgs = [json.loads(line)["kimg"] for line in open(run_dir / "stats.jsonl")]
+    assert kimgs == pytest.approx([0.004, 0.008, 0.012])
+    a, b = load_snapshot(whole)[0].state_dict(), load_snapshot(resumed)[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
