@@ -1,8 +1,10 @@
 """Train a small Fashion-MNIST classifier and ship it as an offline FID/PRDC feature detector.
 
 The detector is called as `det(images, return_features=True)` with uint8 images [N, 1, H, W] in 0..255 and
-returns the 128-d penultimate activations (before the ReLU) in float32; without return_features it returns the
-10 class logits. 32x32 is its native size (Fashion-MNIST padded by 2 black pixels, as dataset_tool.py writes
+returns float32 features; without return_features it returns the 10 class logits. Two feature layers exist:
+`--features pool` (the default): the last convolution's ReLU activations averaged over the 4x4 map, as
+Inception's pool3 is (256-d with the default widths); `--features fc`: the 128-d linear layer before its ReLU
+(the first shipped detector). 32x32 is its native size (Fashion-MNIST padded by 2 black pixels, as dataset_tool.py writes
 it); 28x28 images are padded the same way; any other size is resized bilinearly (antialiased) to 32x32. Its
 integer attribute `in_channels = 1` tells metrics.detectors not to repeat grayscale images to RGB.
 """
@@ -21,7 +23,8 @@ from metrics.frechet import FeatureStats, save_ref
 
 DETECTOR_FILE = "fmnist-detector.pt"
 REF_FILE = "fmnist-train-ref.npz"
-FEATURE_DIM = 128
+FEATURE_DIM = 128  # the linear feature layer of --features fc
+POOL_DIM = 256  # channels of the last convolution, pooled by --features pool
 
 
 def conv_block(in_channels, out_channels):
@@ -29,8 +32,20 @@ def conv_block(in_channels, out_channels):
             torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
 
 
+def network_input(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 [N, 1, H, W] -> float [-1, 1] at the native resolution (28x28 padded black, others resized)."""
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError("the Fashion-MNIST detector takes images [N, 1, H, W]")
+    x = images.to(torch.float32) / 127.5 - 1
+    if images.shape[2] == 28 and images.shape[3] == 28:
+        return F.pad(x, [2, 2, 2, 2], value=-1.0)  # black border, as dataset_tool.py pads
+    if images.shape[2] != resolution or images.shape[3] != resolution:
+        x = F.interpolate(x, size=[resolution, resolution], mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
 class FMNISTClassifier(torch.nn.Module):
-    """Three conv blocks (32 -> 16 -> 8 -> 4 pixels), a 128-d feature layer, 10 logits."""
+    """`--features fc`: three conv blocks (32 -> 16 -> 8 -> 4 pixels), a 128-d linear feature layer, 10 logits."""
 
     def __init__(self, feature_dim: int = FEATURE_DIM, num_classes: int = 10):
         super().__init__()
@@ -43,18 +58,64 @@ class FMNISTClassifier(torch.nn.Module):
         self.classifier = torch.nn.Linear(feature_dim, num_classes)
 
     def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1] != 1:
-            raise ValueError("the Fashion-MNIST detector takes images [N, 1, H, W]")
-        x = images.to(torch.float32) / 127.5 - 1  # uint8 0..255 -> [-1, 1]
-        if images.shape[2] == 28 and images.shape[3] == 28:
-            x = F.pad(x, [2, 2, 2, 2], value=-1.0)  # black border, as dataset_tool.py pads
-        elif images.shape[2] != self.resolution or images.shape[3] != self.resolution:
-            x = F.interpolate(x, size=[self.resolution, self.resolution], mode="bilinear", align_corners=False,
-                              antialias=True)
-        features = self.features(self.trunk(x))
+        features = self.features(self.trunk(network_input(images, self.resolution)))
         if return_features:
             return features
         return self.classifier(self.dropout(F.relu(features)))
+
+
+class FMNISTPoolNet(torch.nn.Module):
+    """`--features pool`: the same three conv blocks, one more 3x3 convolution (256 channels) at 4x4, then its
+    ReLU activations averaged over the map (the features, like Inception's pool3) and a linear classifier.
+
+    A pooled post-ReLU layer describes which parts are present rather than where each pixel is, so it is less
+    swayed by pixel-level texture than a layer over the flattened map."""
+
+    def __init__(self, pool_dim: int = POOL_DIM, num_classes: int = 10):
+        super().__init__()
+        self.in_channels = 1
+        self.resolution = 32
+        self.trunk = torch.nn.Sequential(*conv_block(1, 32), *conv_block(32, 64), *conv_block(64, 128),
+                                         torch.nn.Conv2d(128, pool_dim, 3, padding=1, bias=False),
+                                         torch.nn.BatchNorm2d(pool_dim), torch.nn.ReLU())
+        self.dropout = torch.nn.Dropout(0.3)
+        self.classifier = torch.nn.Linear(pool_dim, num_classes)
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        features = self.trunk(network_input(images, self.resolution)).mean(dim=[2, 3])
+        if return_features:
+            return features
+        return self.classifier(self.dropout(features))
+
+
+class PooledTrunk(torch.nn.Module):
+    """`--pool_from`: an `fc` detector whose features are its last conv block's ReLU + max-pool output averaged
+    over the 4x4 map (128-d, post-ReLU) instead of its linear layer; the logits are the detector's own."""
+
+    def __init__(self, net: FMNISTClassifier):
+        super().__init__()
+        self.in_channels = 1
+        self.resolution = net.resolution
+        self.net = net
+        self.convs = torch.nn.Sequential(*list(net.trunk.children())[:-1])  # the trunk without its Flatten
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        if not return_features:
+            return self.net(images)
+        return self.convs(network_input(images, self.resolution)).mean(dim=[2, 3])
+
+
+ARCHITECTURES = {"fc": FMNISTClassifier, "pool": FMNISTPoolNet}
+
+
+def shift_batch(x, max_shift, generator):
+    """uint8 images translated by up to `max_shift` pixels each (augmentation), the border filled black."""
+    if max_shift == 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, [max_shift] * 4, value=0)
+    dy, dx = (torch.randint(0, 2 * max_shift + 1, [2, n], generator=generator)).tolist()
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
 
 
 def padded_split(source, split):
@@ -96,15 +157,21 @@ def export_torchscript(net, path):
 @click.option("--source", default=None, metavar="DIR",
               help=f"Folder with the Fashion-MNIST idx files.  [default: {dataset_tool.FMNIST_DEBIAN_DIR} when "
                    f"installed, else downloaded once into ./{dataset_tool.FMNIST_CACHE_DIR}/]")
+@click.option("--features", "feature_layer", type=click.Choice(sorted(ARCHITECTURES)), default="fc",
+              show_default=True, help="Feature layer: 'fc' (linear, 128-d) or 'pool' (pooled post-ReLU, 256-d).")
+@click.option("--pool_from", default=None, metavar="PT",
+              help="No training: re-export this 'fc' detector with pooled post-ReLU trunk features (128-d).")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True, metavar="INT",
               help="Passes over the 60k training images.")
+@click.option("--shift", type=click.IntRange(min=0), default=0, show_default=True, metavar="PIXELS",
+              help="Augmentation: random translation of each training image by up to this many pixels.")
 @click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True, metavar="INT", help="Batch size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True, metavar="FLOAT",
               help="Adam learning rate (cosine decay to 0 over the run).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="INT", help="Seed of weights and batches.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, metavar="INT",
               help="torch CPU threads.  [default: torch's choice]")
-def main(outdir, source, epochs, batch, lr, seed, threads):
+def main(outdir, source, feature_layer, pool_from, epochs, shift, batch, lr, seed, threads):
     """Train the Fashion-MNIST detector, report its test accuracy, write it and the training-set statistics.
 
     \b
@@ -129,11 +196,16 @@ def main(outdir, source, epochs, batch, lr, seed, threads):
         raise click.BadParameter(str(e), param_hint="--source") from None
     print(f"Fashion-MNIST from {folder}: {len(train_x)} training, {len(test_x)} test images", flush=True)
 
-    torch.manual_seed(seed)
-    net = FMNISTClassifier()
+    if pool_from is not None:
+        fc = FMNISTClassifier()
+        fc.load_state_dict(torch.jit.load(pool_from).state_dict())
+        net, epochs, feature_layer = PooledTrunk(fc.eval()), 0, f"pooled trunk of {pool_from}"
+    else:
+        torch.manual_seed(seed)
+        net = ARCHITECTURES[feature_layer]()
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     steps_per_epoch = len(train_x) // batch
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
     generator = torch.Generator().manual_seed(seed)
     start = time.time()
     for epoch in range(epochs):
@@ -142,7 +214,7 @@ def main(outdir, source, epochs, batch, lr, seed, threads):
         losses = []
         for step in range(steps_per_epoch):
             idx = order[step * batch:(step + 1) * batch]
-            loss = F.cross_entropy(net(train_x[idx]), train_y[idx])
+            loss = F.cross_entropy(net(shift_batch(train_x[idx], shift, generator)), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -161,7 +233,7 @@ def main(outdir, source, epochs, batch, lr, seed, threads):
     save_ref(ref_path, mu, sigma)
     print(f"Test accuracy {accuracy(scripted, test_x, test_y):.4f}; wrote {detector_path} "
           f"({os.path.getsize(detector_path) / 1e6:.2f} MB) and {ref_path} ({len(train_x)} images, "
-          f"{mu.shape[0]} features)", flush=True)
+          f"{mu.shape[0]} features, --features {feature_layer})", flush=True)
 
 
 if __name__ == "__main__":
