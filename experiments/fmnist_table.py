@@ -430,6 +430,15 @@ def write_table(out, work, settings):
     print("\n".join(lines))
 
 
+def save_figure(plt, fig, axes, path):
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
 def write_plots(prefix, work):
     """<prefix>-nfe.png (quality vs NFE per method) and <prefix>-curve.png (SFD-2 distillation curve)."""
     try:
@@ -460,13 +469,7 @@ def write_plots(prefix, work):
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = f"{prefix}-nfe.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(plt, fig, axes, f"{prefix}-nfe.png"))
 
     curve = work.curve_rows()
     if curve:
@@ -485,13 +488,7 @@ def write_plots(prefix, work):
         for ax in axes:
             ax.set_xlabel(f"distillation kimg ({minutes:.0f} min for {kimg[-1]} kimg on {curve[-1]['machine']})")
             ax.grid(True, alpha=0.3)
-        axes[1].legend(fontsize=8)
-        fig.tight_layout()
-        path = f"{prefix}-curve.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(plt, fig, axes, f"{prefix}-curve.png"))
     for path in written:
         print(f"wrote {path}", flush=True)
     return written
