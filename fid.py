@@ -8,6 +8,8 @@ import dnnlib
 from metrics.detectors import iterate_features, load_detector_rank0_first, one_line
 from metrics.frechet import FeatureStats, frechet_distance, load_ref, save_ref
 from metrics.images import ImageFiles, ImageSourceError
+from torch_utils import cli
+from torch_utils.cli import CommandError
 from torch_utils import distributed as dist
 
 DETECTOR_HELP = (
@@ -50,7 +52,7 @@ def get_detector(spec, device, cache):
     try:
         return load_detector_rank0_first(spec, device=device, cache_root=cache)
     except dnnlib.util.DownloadError as e:
-        raise click.ClickException(one_line(e)) from None
+        raise CommandError(one_line(e)) from None
     except ValueError as e:
         raise click.BadParameter(one_line(e), param_hint="--detector") from None
 
@@ -119,7 +121,7 @@ def calc(images_path, ref_path, num, seed, results_path, label, detector, batch,
     try:
         ref_mu, ref_sigma = load_ref(ref_path, cache_dir=os.path.join(cache, "metrics"))
     except dnnlib.util.DownloadError as e:
-        raise click.ClickException(one_line(e)) from None
+        raise CommandError(one_line(e)) from None
     except ValueError as e:
         raise click.BadParameter(one_line(e), param_hint="--ref") from None
     dist.print0(f"Loading detector {detector or 'Inception-v3 (NVIDIA)'}...")
@@ -164,4 +166,4 @@ def ref(data_path, dest_path, detector, batch, workers, cache):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -13,16 +13,27 @@
 #   bash launch.sh prdc       # precision/recall/density/coverage of IMAGES against IMAGES_REF
 #   bash launch.sh fmnist     # the built-in Fashion-MNIST teacher on the CPU: distil, grid, FID (= quickstart.sh)
 #
-# Environment: GPUS (default 4), DATASET (default cifar10), EXP, MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF, PROMPT.
+# Environment: GPUS (processes; default: the visible CUDA devices, 1 without any), DATASET (default cifar10), EXP,
+# MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF, PROMPT; DRY=1 prints the command instead of running it.
 # "num_steps" counts time points (steps + 1); AFS saves the first network call, so num_steps=4 with AFS is 2 NFE.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-GPUS=${GPUS:-4}
-DATASET=${DATASET:-cifar10}
-RUN="torchrun --standalone --nproc_per_node=${GPUS}"
-
+usage() { sed -n '2,18p' "$0"; }
 case "${1:-help}" in
+help | -h | --help) usage; exit 0 ;;
+sfd | sfdv | stage2 | ldm | sd | sample_sd | sample | sample_v | fid | prdc | fmnist) ;;
+*) echo "launch.sh: unknown recipe '$1'; choose one of the recipes below" >&2; usage >&2; exit 2 ;;
+esac
+
+if [ -z "${GPUS:-}" ]; then
+    GPUS=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
+fi
+DATASET=${DATASET:-cifar10}
+maybe() { if [ -n "${DRY:-}" ]; then echo "$@"; else "$@"; fi; }
+RUN="maybe torchrun --standalone --nproc_per_node=${GPUS}"
+
+case "$1" in
 sfd)
     # Train a 2-NFE SFD (EDM models: cifar10, ffhq, afhqv2, imagenet64)
     $RUN train.py \
@@ -81,17 +92,14 @@ sample_v)
     ;;
 fid)
     : "${IMAGES:?set IMAGES=path/to/generated/images}"
-    python fid.py calc --images="$IMAGES" --ref="${REF:-https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz}"
+    maybe python fid.py calc --images="$IMAGES" --ref="${REF:-https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz}"
     ;;
 prdc)
     : "${IMAGES:?set IMAGES=path/to/generated/images}" "${IMAGES_REF:?set IMAGES_REF=path/to/reference/images}"
-    python prdc.py calc --images="$IMAGES" --images_ref="$IMAGES_REF"
+    maybe python prdc.py calc --images="$IMAGES" --images_ref="$IMAGES_REF"
     ;;
 fmnist)
     # Offline, CPU: distil the shipped teacher to 2 NFE, sample a grid and print FID with the shipped detector.
-    bash quickstart.sh
-    ;;
-*)
-    sed -n '2,17p' "$0"
+    maybe bash quickstart.sh
     ;;
 esac

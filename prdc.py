@@ -7,6 +7,7 @@ from fid import common_options, get_detector, open_images
 from metrics.detectors import iterate_features, one_line
 from metrics.images import ImageSourceError
 from metrics.prdc import compute_prdc, gather_rows
+from torch_utils import cli
 from torch_utils import distributed as dist
 
 
@@ -74,4 +75,4 @@ def calc(images_path, ref_path, nearest_k, num, seed, detector, batch, workers, 
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

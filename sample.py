@@ -33,6 +33,7 @@ import torch
 import dnnlib
 import solvers
 from torch_utils import distributed as dist
+from torch_utils import cli
 from torch_utils.cli import CommandError
 from training.precision import RunMode, maybe_compile, prepare_module
 
@@ -253,11 +254,8 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         raise click.BadParameter("--no-save without --fid_ref would produce nothing", param_hint="--save")
 
     try:
-        if dist.get_rank() != 0:
-            dist.barrier()
-        loaded = load_network(dataset_name=opts.dataset_name, model_path=model_path, device=device)
-        if dist.get_rank() == 0:
-            dist.barrier()
+        loaded = dist.rank0_first(lambda: load_network(dataset_name=opts.dataset_name, model_path=model_path,
+                                                       device=device))
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError) as e:
         raise CommandError(e) from None
     if opts.dataset_name and loaded.dataset_name and opts.dataset_name != loaded.dataset_name:
@@ -348,4 +346,4 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -24,12 +24,13 @@ import json
 import os
 import pickle
 import re
-import sys
 
 import click
 import torch
 
 import dnnlib
+from torch_utils import cli
+from torch_utils.cli import CommandError
 from torch_utils import distributed as dist
 
 SOLVER_NAMES = ["dpm", "dpmpp", "euler", "ipndm", "heun"]
@@ -263,11 +264,10 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
     try:
         training_loop(run_dir=open_run_dir, resume_state=resume_state, **c)
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:
-        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
-        sys.exit(2)
+        raise CommandError(str(e) or type(e).__name__) from None
     finally:
         dist.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

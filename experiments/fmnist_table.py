@@ -85,6 +85,7 @@ class Scorer:
     """Teacher-FID, data-FID and (given the endpoint images) PSNR of uint8 images, from one detector pass."""
 
     def __init__(self, detector, teacher_ref, data_ref, device, endpoint=None):
+        """endpoint: a callable giving the endpoint images, called when the first images are scored."""
         self.detector, self.teacher_ref, self.data_ref = detector, teacher_ref, data_ref
         self.endpoint, self.device = endpoint, device
 
@@ -96,7 +97,7 @@ class Scorer:
         scores = dict(teacher_fid=float(frechet_distance(mu, sigma, *self.teacher_ref)),
                       fid=float(frechet_distance(mu, sigma, *self.data_ref)))
         if self.endpoint is not None:
-            scores["psnr"] = psnr_uint8(images, self.endpoint[:len(images)])
+            scores["psnr"] = psnr_uint8(images, self.endpoint()[:len(images)])
         return scores
 
 
@@ -321,7 +322,9 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
         print(f"endpoint: Heun {ref_nfe} NFE in {time.time() - t0:.0f}s", flush=True)
         return images
 
-    endpoint = work.endpoint(make_endpoint)
+    def endpoint():  # computed on first use, so that distillations start at once
+        return work.endpoint(make_endpoint)
+
     score = Scorer(load_detector(detector, device=device), load_ref(teacher_ref), load_ref(ref), device, endpoint)
 
     def add(key, name, nfe, make_images, distilled=None):
@@ -343,7 +346,7 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
                            afs=True, step_condition=step_condition, **sig)
 
     if "ref" in wanted:
-        add("ref", "Teacher, Heun (endpoint)", ref_nfe, lambda: endpoint)
+        add("ref", "Teacher, Heun (endpoint)", ref_nfe, endpoint)
     for nfe in (10, 50):
         if f"ddim{nfe}" in wanted:
             teacher_row(f"ddim{nfe}", "DDIM (Euler)", nfe, "euler")

@@ -372,12 +372,7 @@ def load_detector_rank0_first(spec=None, device="cpu", cache_root="./src"):
     """load_detector on every rank, rank 0 first so that only it downloads into the cache."""
     from torch_utils import distributed as dist
 
-    if dist.get_rank() != 0:
-        dist.barrier()
-    detector = load_detector(spec, device=device, cache_root=cache_root)
-    if dist.get_rank() == 0:
-        dist.barrier()
-    return detector
+    return dist.rank0_first(lambda: load_detector(spec, device=device, cache_root=cache_root))
 
 
 def one_line(err):

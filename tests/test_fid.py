@@ -482,3 +482,11 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("FID: ") == 1  # printed by rank 0 only
     assert parse_fid(p.stdout) == pytest.approx(parse_fid(single.output), rel=1e-5)
+
+
+def test_offline_ref_download_exits_2_with_one_line(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("SFD_OFFLINE", "1")
+    r = run_cli(["calc", "--images", setup.folder_a, "--ref", "https://example.org/stats/ref.npz", "--detector",
+                 setup.det, "--workers", "0", "--cache", str(tmp_path / "cache")])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().splitlines()[-1].startswith("Error: cannot get 'ref.npz'"), r.output

@@ -282,3 +282,15 @@ def test_sfdv_snapshot_samples_with_step_condition_num_steps(tmp_path, monkeypat
     # AFS replaces the first of the num_steps - 1 Euler steps; every network call carries num_steps.
     assert [s for s, _ in seen] == pytest.approx(t_steps(num_steps)[1:-1], rel=1e-6)
     assert [sorted(set(torch.as_tensor(c).reshape(-1).tolist())) for _, c in seen] == [[num_steps]] * (num_steps - 2)
+
+
+def test_resume_with_another_rank_count_says_that_random_streams_restart(tiny_teacher_pkl, tmp_path, capsys):
+    pkl = tiny_teacher_pkl[0]
+    run(pkl, total_kimg=0.004, run_dir=str(tmp_path / "cut"), state_dump_ticks=1, kimg_per_tick=0.004, seed=2)
+    dump = glob.glob(str(tmp_path / "cut" / "training-state-*.pt"))[0]
+    state = torch.load(dump, weights_only=False)
+    state["rank_rng"] = state["rank_rng"] * 2  # as if written by a 2-rank run
+    torch.save(state, dump)
+    capsys.readouterr()
+    run(pkl, total_kimg=0.008, run_dir=str(tmp_path / "cut"), resume_state=dump, kimg_per_tick=0.004, seed=2)
+    assert "written by 2 ranks and this run has 1" in capsys.readouterr().out

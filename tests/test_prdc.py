@@ -120,3 +120,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("precision:") == 1
     assert _scores(p.stdout) == _scores(single.output) and len(_scores(single.output)) == 4
+
+
+def test_offline_detector_download_exits_2_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFD_OFFLINE", "1")
+    a = write_pngs(tmp_path / "a", random_images(5, seed=1))
+    r = CliRunner().invoke(prdc.main, ["calc", "--images", a, "--images_ref", a, "--workers", "0", "--nearest_k", "2",
+                                       "--cache", str(tmp_path / "cache")])
+    assert r.exit_code == 2, r.output
+    assert "inception-2015-12-05.pkl" in r.output and len(r.output.strip().splitlines()) <= 2, r.output

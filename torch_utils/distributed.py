@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from torch_utils.cli import PeerFailed
+
 
 def init(device=None):
     """Initialise the default process group if launched by torchrun. Returns the device to use."""
@@ -46,6 +48,38 @@ def barrier():
 def shutdown():
     if is_distributed():
         dist.destroy_process_group()
+
+
+def _collective_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agree(error=None):
+    """Collective failure check: every rank passes the exception it caught (or None). If any rank failed, the
+    failed ranks raise their own exception and the others raise PeerFailed, so no rank waits forever."""
+    if is_distributed():
+        failed = torch.tensor([0 if error is None else 1], device=_collective_device())
+        dist.all_reduce(failed)
+        if error is None and failed.item():
+            raise PeerFailed()
+    if error is not None:
+        raise error
+
+
+def rank0_first(fn):
+    """fn() on rank 0, then on the other ranks (so that only rank 0 downloads into a shared cache). A failure on
+    any rank stops all of them: see `agree`."""
+    result = None
+    for turn in (True, False):
+        error = None
+        if (get_rank() == 0) == turn:
+            try:
+                result = fn()
+            except Exception as e:  # handed to agree(), which re-raises it on this rank
+                error = e
+        if is_distributed() or error is not None:
+            agree(error)
+    return result
 
 
 def print0(*args, **kwargs):

@@ -79,6 +79,37 @@ def _format_time(seconds):
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def load_teacher(dataset_name, model_path, is_second_stage, use_step_condition, sampler_tea, max_order, predict_x0,
+                 lower_order_final, thresholding, schedule_type, schedule_rho, guidance_type, device, cache_root):
+    """The network to distil and its teacher's sampling settings: (loaded, TeacherConfig, use_step_condition,
+    guidance_type). The second stage's teacher is the first-stage model under Euler with its own stored settings."""
+    if is_second_stage:
+        loaded = load_network(model_path=model_path, device=device, cache_root=cache_root)
+        first = loaded.settings
+        if loaded.source not in ("snapshot", "paper_snapshot") or "num_steps" not in first:
+            raise ValueError(f"--model_path {model_path}: the second stage needs a first-stage SFD/SFD-v snapshot")
+        if dataset_name and loaded.dataset_name and dataset_name != loaded.dataset_name:
+            raise ValueError(f"--model_path was distilled from {loaded.dataset_name!r}, not --dataset_name "
+                             f"{dataset_name!r}")
+        use_step_condition = bool(first.get("use_step_condition", False))
+        teacher_cfg = sfd_loss.TeacherConfig(
+            solver="euler", schedule_type=first["schedule_type"], schedule_rho=first["schedule_rho"],
+            sigma_min=first["sigma_min"], sigma_max=first["sigma_max"], afs=bool(first["afs"]),
+            step_condition="num_steps_teacher" if use_step_condition else None, solver_options={},
+        )
+    else:
+        loaded = load_network(dataset_name=dataset_name, model_path=model_path, device=device,
+                              use_step_condition=use_step_condition, cache_root=cache_root)
+        teacher_cfg = sfd_loss.TeacherConfig(
+            solver=sampler_tea, schedule_type=schedule_type, schedule_rho=schedule_rho,
+            sigma_min=loaded.settings["sigma_min"], sigma_max=loaded.settings["sigma_max"], afs=False,
+            step_condition=None,
+            solver_options=solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresholding),
+        )
+    guidance_type = resolve_guidance(loaded.net, guidance_type, loaded.dataset_name)
+    return loaded, teacher_cfg, use_step_condition, guidance_type
+
+
 def training_loop(
     run_dir=None,  # output folder, or a callable returning it once the network has loaded (None on ranks > 0)
     dataset_name=None,
@@ -133,37 +164,11 @@ def training_loop(
     num_rounds = batch_per_rank // batch_gpu
     assert batch_size == batch_gpu * num_rounds * world, "train.py validates the batch geometry"
 
-    # Load the network; rank 0 first so that only it downloads.
-    if rank != 0:
-        dist.barrier()
-    if is_second_stage:
-        loaded = load_network(model_path=model_path, device=device, cache_root=cache_root)
-        first = loaded.settings
-        if loaded.source not in ("snapshot", "paper_snapshot") or "num_steps" not in first:
-            raise ValueError(f"--model_path {model_path}: the second stage needs a first-stage SFD/SFD-v snapshot")
-        if dataset_name and loaded.dataset_name and dataset_name != loaded.dataset_name:
-            raise ValueError(f"--model_path was distilled from {loaded.dataset_name!r}, not --dataset_name "
-                             f"{dataset_name!r}")
-        # The teacher is the first-stage model sampled with Euler under its own stored settings.
-        schedule_type, schedule_rho = first["schedule_type"], first["schedule_rho"]
-        use_step_condition = bool(first.get("use_step_condition", False))
-        teacher_cfg = sfd_loss.TeacherConfig(
-            solver="euler", schedule_type=schedule_type, schedule_rho=schedule_rho,
-            sigma_min=first["sigma_min"], sigma_max=first["sigma_max"], afs=bool(first["afs"]),
-            step_condition="num_steps_teacher" if use_step_condition else None, solver_options={},
-        )
-    else:
-        loaded = load_network(dataset_name=dataset_name, model_path=model_path, device=device,
-                              use_step_condition=use_step_condition, cache_root=cache_root)
-        teacher_cfg = sfd_loss.TeacherConfig(
-            solver=sampler_tea, schedule_type=schedule_type, schedule_rho=schedule_rho,
-            sigma_min=loaded.settings["sigma_min"], sigma_max=loaded.settings["sigma_max"], afs=False,
-            step_condition=None,
-            solver_options=solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresholding),
-        )
-    if rank == 0:
-        dist.barrier()
-    guidance_type = resolve_guidance(loaded.net, guidance_type, loaded.dataset_name)
+    # Load the network; rank 0 first so that only it downloads, and a failure on one rank stops every rank.
+    loaded, teacher_cfg, use_step_condition, guidance_type = dist.rank0_first(lambda: load_teacher(
+        dataset_name, model_path, is_second_stage, use_step_condition, sampler_tea, max_order, predict_x0,
+        lower_order_final, thresholding, schedule_type, schedule_rho, guidance_type, device, cache_root))
+    schedule_type, schedule_rho = teacher_cfg.schedule_type, teacher_cfg.schedule_rho
     if callable(run_dir):
         run_dir = run_dir()
     net = loaded.net
@@ -185,7 +190,7 @@ def training_loop(
 
     perceptual = None
     if is_second_stage and model_source == "edm" and lpips:
-        perceptual = PerceptualLoss(device=device, cache_root=cache_root)
+        perceptual = dist.rank0_first(lambda: PerceptualLoss(device=device, cache_root=cache_root))
 
     settings = dict(
         dataset_name=loaded.dataset_name, model_source=model_source, num_steps=num_steps, M=M, afs=afs,
@@ -227,6 +232,9 @@ def training_loop(
             mode.fall_back_to_fp32()
         if len(state["rank_rng"]) == world:
             train_state.restore_rng(state["rank_rng"][rank], device)
+        else:
+            dist.print0(f"Note: the dump was written by {len(state['rank_rng'])} ranks and this run has {world}: "
+                        f"the per-rank random streams (latents) start afresh instead of continuing.")
         if run_dir:
             train_state.remove_stale_temporaries(run_dir)
             train_state.trim_stats(stats_file, cur_nimg / 1000)
