@@ -147,3 +147,17 @@ def test_bad_schedule_arguments_rejected():
         get_schedule(5, SIGMA_MIN, SIGMA_MAX, schedule_type="discrete")
     with pytest.raises(ValueError, match="sigma_inv"):
         get_schedule(5, SIGMA_MIN, SIGMA_MAX, schedule_type="discrete", net=object())
+
+
+@pytest.mark.parametrize("rho", [1.0, 7.0])
+def test_discrete_schedule_of_the_ldm_wrapper_is_computed_in_float64(rho):
+    from models.latent.precond import LatentDiffusionPrecond
+    from tests.latent_tiny import TINY_LDM
+
+    net = LatentDiffusionPrecond(config=dict(TINY_LDM, schedule=dict(timesteps=1000, linear_start=0.0015,
+                                                                      linear_end=0.0195)))
+    t = get_schedule(4, 0.006, net.sigma_max, schedule_type="discrete", schedule_rho=rho, net=net)
+    assert t.dtype == torch.float32
+    # The end point is sigma(sigma_inv(0.006)): exact up to the final float32 rounding.
+    assert t[-1].item() == pytest.approx(0.006, rel=1e-6)
+    assert t[0].item() == pytest.approx(net.sigma_max, rel=1e-6)
