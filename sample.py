@@ -116,12 +116,46 @@ def image_grid(images_uint8):
     return grid
 
 
+def check_sampling_options(opts):
+    """One-line errors for solver options that are wrong whatever the model (before anything is loaded)."""
+    solver = opts.solver or "euler"
+    if opts.max_order is not None and solver in solvers.ORDER_RANGE:
+        lo, hi = solvers.ORDER_RANGE[solver]
+        if not lo <= opts.max_order <= hi:
+            raise click.BadParameter(f"{opts.max_order} is out of range for --solver={solver} (allowed {lo}..{hi})",
+                                     param_hint="--max_order")
+    for name in ("sigma_min", "sigma_max"):
+        if opts[name] is not None and not opts[name] > 0:
+            raise click.BadParameter(f"must be > 0, got {opts[name]}", param_hint=f"--{name}")
+    if opts.sigma_min is not None and opts.sigma_max is not None and not opts.sigma_min < opts.sigma_max:
+        raise click.BadParameter(f"{opts.sigma_min} is not below --sigma_max={opts.sigma_max}",
+                                 param_hint="--sigma_min")
+    if opts.schedule_rho is not None and opts.schedule_type != "logsnr" and not opts.schedule_rho > 0:
+        raise click.BadParameter(f"must be > 0, got {opts.schedule_rho}", param_hint="--schedule_rho")
+    if opts.afs and opts.num_steps == 2 and not opts.denoise_to_zero:
+        raise click.BadParameter("num_steps=2 with --afs leaves no network call (NFE 0); use --num_steps >= 3 or "
+                                 "drop --afs", param_hint="--num_steps")
+
+
+def check_schedule(cfg, net):
+    """Build the run's schedule once before sampling, so that a schedule the model cannot follow (e.g. 'discrete'
+    on an EDM model, or a --sigma_min above the model's sigma_max) fails in one line."""
+    try:
+        solvers.get_schedule(cfg.num_steps, cfg.sigma_min, cfg.sigma_max, schedule_type=cfg.schedule_type,
+                             schedule_rho=cfg.schedule_rho, net=net)
+    except ValueError as e:
+        hint = "--schedule_type" if cfg.schedule_type == "discrete" and "needs a net" in str(e) else (
+            "--sigma_min/--sigma_max" if "sigma_min" in str(e) else "--schedule_type")
+        raise click.BadParameter(str(e).splitlines()[0], param_hint=hint) from None
+
+
 def resolve_sampling(loaded, opts):
     """Settings for this run: from the snapshot for distilled models, from the options for pre-trained ones."""
     st = loaded.settings
     distilled = "num_steps" in st and "afs" in st and "schedule_type" in st
     if distilled:
-        given = [n for n in ("solver", "afs", "schedule_type", "schedule_rho") if opts[n] is not None]
+        given = [n for n in ("solver", "afs", "schedule_type", "schedule_rho", "sigma_min", "sigma_max",
+                             *SOLVER_OPTION_NAMES) if opts[n] is not None]
         given += ["denoise_to_zero"] if opts.denoise_to_zero else []
         if given:
             raise click.BadParameter(f"a distilled snapshot carries its own sampling settings; drop --{given[0]}",
@@ -252,6 +286,7 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         raise click.BadParameter(f"no such file: {model_path}", param_hint="--model_path")
     if not save_images and not opts.fid_ref:
         raise click.BadParameter("--no-save without --fid_ref would produce nothing", param_hint="--save")
+    check_sampling_options(opts)
 
     try:
         loaded = dist.rank0_first(lambda: load_network(dataset_name=opts.dataset_name, model_path=model_path,
@@ -266,6 +301,7 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     prepare_module(net, channels_last=opts.channels_last)
     net_fn = maybe_compile(net, opts.compile)
     cfg = resolve_sampling(loaded, opts)
+    check_schedule(cfg, net)
     if cfg.guidance_rate is not None and hasattr(net, "guidance_rate"):
         net.guidance_rate = cfg.guidance_rate
     nfe = solvers.nfe_of(cfg.solver, cfg.num_steps, cfg.afs, denoise_to_zero=cfg.denoise_to_zero, **cfg.options)

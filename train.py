@@ -35,7 +35,6 @@ from torch_utils import distributed as dist
 
 SOLVER_NAMES = ["dpm", "dpmpp", "euler", "ipndm", "heun"]
 SCHEDULES = ["polynomial", "logsnr", "time_uniform", "discrete"]
-MAX_ORDER = {"ipndm": (1, 4), "dpmpp": (1, 3)}
 
 
 def _dataset_names():
@@ -75,8 +74,10 @@ def check_options(opts, world_size):
                                  "use --num_steps >= 3 or --afs=False", param_hint="--num_steps")
     if opts.is_second_stage and opts.afs and opts.num_steps < 3:
         raise click.BadParameter("the second stage needs num_steps >= 3 with AFS (1 NFE)", param_hint="--num_steps")
-    if opts.max_order is not None and opts.sampler_tea in MAX_ORDER:
-        lo, hi = MAX_ORDER[opts.sampler_tea]
+    from solvers import ORDER_RANGE
+
+    if opts.max_order is not None and opts.sampler_tea in ORDER_RANGE:
+        lo, hi = ORDER_RANGE[opts.sampler_tea]
         if not lo <= opts.max_order <= hi:
             raise click.BadParameter(f"{opts.max_order} is out of range for --sampler_tea={opts.sampler_tea} "
                                      f"(allowed {lo}..{hi})", param_hint="--max_order")
@@ -86,7 +87,10 @@ def check_options(opts, world_size):
     if not opts.is_second_stage and not opts.dataset_name and not opts.model_path:
         raise click.BadParameter("give --dataset_name (a built-in backbone) or --model_path (an EDM-format .pkl)",
                                  param_hint="--dataset_name")
-    if opts.model_path and not os.path.exists(opts.model_path) and "://" not in opts.model_path:
+    if opts.model_path and "://" in opts.model_path:
+        raise click.BadParameter(f"{opts.model_path} is a URL; download the file and pass its local path",
+                                 param_hint="--model_path")
+    if opts.model_path and not os.path.exists(opts.model_path):
         raise click.BadParameter(f"no such file: {opts.model_path}", param_hint="--model_path")
     batch_gpu = opts.batch_gpu or opts.batch // max(world_size, 1)
     if opts.batch % world_size != 0 or batch_gpu == 0 or (opts.batch // world_size) % batch_gpu != 0:
@@ -164,8 +168,8 @@ def _bool(name, default, text):
               type=click.Choice(["fp16", "bf16", "fp32"]), default=None)
 @_bool("--channels_last", False, "Run the networks in channels-last memory format")
 @_bool("--compile", False, "torch.compile the teacher and student calls (fixed shapes; first iteration compiles)")
-@click.option("--teacher_batch", help="Teacher trajectories per call; > --batch-gpu groups accumulation rounds  "
-              "[default: batch-gpu]", metavar="INT", type=click.IntRange(min=1), default=None)
+@click.option("--teacher_batch", help="Teacher trajectories per call; > --batch-gpu groups accumulation "
+              "rounds (speed), < --batch-gpu splits them (teacher memory)  [default: batch-gpu]", metavar="INT", type=click.IntRange(min=1), default=None)
 @click.option("--captions", help="ms_coco: a local MS-COCO 30k caption CSV instead of the download (same as the "
               "SFD_COCO_CAPTIONS environment variable)", metavar="CSV", type=str, default=None)
 @click.option("--seed", help="Random seed  [default: random]", metavar="INT", type=int, default=None)

@@ -30,6 +30,9 @@ SOLVER_OPTIONS = {
     "dpmpp": {"max_order": 3, "predict_x0": True, "lower_order_final": True, "thresholding": True},
 }
 
+# Allowed max_order of the multistep solvers (what check_order enforces inside them).
+ORDER_RANGE = {"ipndm": (1, 4), "dpmpp": (1, 3)}
+
 _NFE_PER_STEP = {
     "euler": euler.NFE_PER_STEP,
     "heun": heun.NFE_PER_STEP,
@@ -57,7 +60,7 @@ def nfe_of(solver_name, num_steps, afs=False, denoise_to_zero=False, **options):
 
 
 __all__ = [
-    "SCHEDULE_TYPES", "SOLVERS", "SOLVER_OPTIONS", "afs_slope", "dpm_2_sampler", "dpm_pp_sampler",
+    "ORDER_RANGE", "SCHEDULE_TYPES", "SOLVERS", "SOLVER_OPTIONS", "afs_slope", "dpm_2_sampler", "dpm_pp_sampler",
     "dynamic_threshold", "euler_sampler", "euler_step", "get_schedule", "heun_sampler", "ipndm_sampler",
     "nfe_of", "sample",
 ]

@@ -294,3 +294,12 @@ def test_resume_with_another_rank_count_says_that_random_streams_restart(tiny_te
     capsys.readouterr()
     run(pkl, total_kimg=0.008, run_dir=str(tmp_path / "cut"), resume_state=dump, kimg_per_tick=0.004, seed=2)
     assert "written by 2 ranks and this run has 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("teacher_batch, expected", [(None, 4), (2, 2), (8, 8)])
+def test_teacher_batch_sets_the_teacher_call_size(tiny_teacher_pkl, monkeypatch, teacher_batch, expected):
+    rec = Recorder(monkeypatch)
+    run(tiny_teacher_pkl[0], batch_size=8, batch_gpu=4, teacher_batch=teacher_batch, total_kimg=0.008)
+    sizes = {len(c["x"]) for c in rec.role("teacher")}
+    assert sizes == {expected}, sizes
+    assert {len(c["x"]) for c in rec.role("student")} == {4}

@@ -344,3 +344,34 @@ def test_speed_switches_keep_the_images(snapshot, tmp_path):
         a = np.asarray(PIL.Image.open(tmp_path / "plain" / name), dtype=int)
         b = np.asarray(PIL.Image.open(tmp_path / "fast" / name), dtype=int)
         assert np.abs(a - b).max() <= 1, name
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--solver", "dpmpp", "--max_order", "9"], "--max_order"),
+    (["--solver", "ipndm", "--max_order", "0"], "--max_order"),
+    (["--sigma_min", "-1"], "--sigma_min"),
+    (["--sigma_min", "100", "--sigma_max", "1"], "--sigma_min"),
+    (["--sigma_min", "100"], "--sigma_min"),  # above the model's own sigma_max: found once the model is loaded
+    (["--schedule_rho", "0"], "--schedule_rho"),
+    (["--schedule_type", "discrete"], "--schedule_type"),  # an EDM model has no discrete time
+    (["--num_steps", "2", "--afs", "True"], "--num_steps"),  # NFE 0
+])
+def test_pretrained_sampling_options_fail_in_one_line_before_sampling(tiny_teacher_pkl, tmp_path, monkeypatch,
+                                                                     args, option):
+    sampled = []
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: sampled.append(1))
+    r = run_sample("--model_path", tiny_teacher_pkl[0], "--seeds", "0-1", "--outdir", str(tmp_path), *args)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith("Error: Invalid value for") and option in lines[-1], r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert not sampled and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("option, value", [("--sigma_min", "0.01"), ("--sigma_max", "50"), ("--max_order", "2"),
+                                           ("--predict_x0", "False"), ("--lower_order_final", "False"),
+                                           ("--thresholding", "False")])
+def test_distilled_snapshot_refuses_every_solver_option(snapshot, tmp_path, option, value):
+    snap = str(snapshot[1] / "network-snapshot-000005.safetensors")
+    r = run_sample("--model_path", snap, option, value, "--outdir", str(tmp_path))
+    assert r.exit_code == 2 and f"drop {option}" in r.output, r.output

@@ -80,6 +80,7 @@ def test_dry_run_writes_nothing(tmp_path, tiny_teacher_pkl):
     (["--schedule_type", "cosine"], "cosine"),
     (["--M", "-1"], "-1"),
     (["--batch", "6", "--batch-gpu", "4"], "divisible"),
+    (["--model_path", "https://example.org/network.pkl"], "is a URL; download the file"),
 ])
 def test_bad_options_fail_with_one_line(tmp_path, tiny_teacher_pkl, args, message):
     pkl, _ = tiny_teacher_pkl
@@ -353,9 +354,12 @@ def test_teacher_batching_across_rounds_gives_the_same_targets(tiny_teacher_pkl)
     latents = [torch.randn([3, 1, 8, 8], generator=g) for _ in range(3)]
     per_round = batched_teacher(net, latents, [None] * 3, [(None, None)] * 3, schedule, cfg, teacher_batch=3)
     grouped = batched_teacher(net, latents, [None] * 3, [(None, None)] * 3, schedule, cfg, teacher_batch=9)
+    split = batched_teacher(net, latents, [None] * 3, [(None, None)] * 3, schedule, cfg, teacher_batch=2)
     assert [t.shape for t in grouped] == [(3, 3, 1, 8, 8)] * 3
-    for a, b in zip(per_round, grouped):
+    assert [t.shape for t in split] == [(3, 3, 1, 8, 8)] * 3
+    for a, b, c in zip(per_round, grouped, split):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_and_channels_last_paths_track_fp32(tiny_teacher_pkl):

@@ -423,22 +423,29 @@ def fall_back(mode):
 def batched_teacher(teacher, latents, labels, conds, schedule, cfg, teacher_batch):
     """Teacher targets per accumulation round, computed `teacher_batch` trajectories per call.
 
-    Every solver step treats samples independently (DPM-Solver++'s thresholding is per sample), so grouping
-    rounds changes nothing but the speed: fewer, larger teacher calls keep the GPU busy.
+    Every solver step treats samples independently (DPM-Solver++'s thresholding is per sample), so regrouping
+    changes nothing but speed and memory: larger calls than a round keep the GPU busy, smaller ones lower the
+    teacher's peak memory.
     """
     sizes = [len(z) for z in latents]
-    if teacher_batch <= sizes[0] or any(c != (None, None) for c in conds):
+    if all(size == teacher_batch for size in sizes):
         return [sfd_loss.teacher_trajectory(teacher, latents[k], schedule, cfg, class_labels=labels[k],
                                             condition=conds[k][0], unconditional_condition=conds[k][1])
                 for k in range(len(latents))]
-    all_latents = torch.cat(latents)
-    all_labels = None if labels[0] is None else torch.cat(labels)
-    parts = []
+
+    def joined(parts):
+        return None if parts[0] is None else torch.cat(parts)
+
+    all_latents, all_labels = torch.cat(latents), joined(labels)
+    all_cond, all_uncond = joined([c[0] for c in conds]), joined([c[1] for c in conds])
+    out = []
     for start in range(0, len(all_latents), teacher_batch):
-        chunk_labels = None if all_labels is None else all_labels[start:start + teacher_batch]
-        parts.append(sfd_loss.teacher_trajectory(teacher, all_latents[start:start + teacher_batch], schedule, cfg,
-                                                 class_labels=chunk_labels))
-    return list(torch.cat(parts, dim=1).split(sizes, dim=1))
+        part = slice(start, start + teacher_batch)
+        out.append(sfd_loss.teacher_trajectory(
+            teacher, all_latents[part], schedule, cfg, class_labels=None if all_labels is None else all_labels[part],
+            condition=None if all_cond is None else all_cond[part],
+            unconditional_condition=None if all_uncond is None else all_uncond[part]))
+    return list(torch.cat(out, dim=1).split(sizes, dim=1))
 
 
 def check_ranks_in_sync(net):
