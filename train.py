@@ -54,6 +54,29 @@ def distilled_nfe(num_steps, afs, guidance_type=None):
     return 2 * nfe if guidance_type == "cfg" else nfe
 
 
+def run_name(opts):
+    """Experiment folder name: dataset-num_steps-NFE-teacher solver-M-schedule[-afs][-desc]. The second stage's
+    teacher is the first-stage model under Euler with its own schedule, read from the snapshot when it is ours."""
+    name = opts.dataset_name or os.path.splitext(os.path.basename(opts.model_path))[0]
+    solver, schedule_type, schedule_rho = opts.sampler_tea, opts.schedule_type, opts.schedule_rho
+    if opts.is_second_stage:
+        solver = "euler"
+        try:
+            from models.snapshot import read_snapshot_metadata
+
+            first = read_snapshot_metadata(opts.model_path)[1]
+            schedule_type, schedule_rho = first["schedule_type"], first["schedule_rho"]
+        except (ValueError, KeyError, OSError):
+            pass  # a paper snapshot (.pkl) or an unreadable file: the loader reports the latter
+    nfe = distilled_nfe(opts.num_steps, opts.afs, opts.guidance_type)
+    desc = f"{name}-{opts.num_steps}-{nfe}-{solver}-{opts.M}-{schedule_tag(schedule_type, schedule_rho)}"
+    if opts.afs:
+        desc += "-afs"
+    if opts.desc:
+        desc += f"-{opts.desc}"
+    return desc
+
+
 def next_run_dir(outdir, desc):
     """`outdir/NNNNN-desc` with the next free five-digit number."""
     ids = []
@@ -216,13 +239,10 @@ def main(**kwargs):
             torch.distributed.broadcast(seed, src=0)
         opts.seed = int(seed)
 
-    name = opts.dataset_name or os.path.splitext(os.path.basename(opts.model_path))[0]
-    nfe = distilled_nfe(opts.num_steps, opts.afs, opts.guidance_type)
-    desc = f"{name}-{opts.num_steps}-{nfe}-{opts.sampler_tea}-{opts.M}-{schedule_tag(opts.schedule_type, opts.schedule_rho)}"
-    if opts.afs:
-        desc += "-afs"
-    if opts.desc:
-        desc += f"-{opts.desc}"
+    desc = run_name(opts)
+    precision = opts.precision or ("fp16" if opts.fp16 else "fp32")
+    if device.type != "cuda":
+        precision = "fp32"  # mixed precision applies on CUDA only; the options file says what runs
 
     c = dnnlib.EasyDict(
         dataset_name=opts.dataset_name, model_path=opts.model_path, is_second_stage=opts.is_second_stage,
@@ -233,7 +253,7 @@ def main(**kwargs):
         schedule_rho=opts.schedule_rho, guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate,
         batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, lr=opts.lr, seed=opts.seed,
         kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, lpips=opts.lpips,
-        fp16=opts.fp16, precision=opts.precision, channels_last=opts.channels_last, compile=opts.compile,
+        fp16=precision == "fp16", precision=precision, channels_last=opts.channels_last, compile=opts.compile,
         teacher_batch=opts.teacher_batch, cudnn_benchmark=opts.bench, world_size=dist.get_world_size(), device=str(device),
     )
     run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc)

@@ -48,3 +48,25 @@ def test_train_help_says_why_thresholding_is_off():
     option = text[text.index("--thresholding"):]
     option = option[:option.index(" --", 2)]
     assert "[default: False]" in option and "fp16" in option, option
+
+
+@pytest.fixture
+def tf32_on():
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield torch.backends
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_training_and_sampling_switch_tf32_off(tmp_path, tiny_teacher_pkl, tf32_on):
+    from training.training_loop import training_loop
+
+    training_loop(model_path=tiny_teacher_pkl[0], batch_size=4, total_kimg=0.004, device="cpu", progress=False)
+    assert not tf32_on.cuda.matmul.allow_tf32 and not tf32_on.cudnn.allow_tf32
+    tf32_on.cuda.matmul.allow_tf32 = tf32_on.cudnn.allow_tf32 = True
+    r = CliRunner().invoke(sample.main, ["--model_path", tiny_teacher_pkl[0], "--seeds", "0", "--num_steps", "3",
+                                         "--device", "cpu", "--outdir", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert not tf32_on.cuda.matmul.allow_tf32 and not tf32_on.cudnn.allow_tf32

@@ -48,6 +48,7 @@ def test_short_run_writes_experiment_folder_and_numbers_increase(tmp_path, tiny_
     assert "sec_per_kimg" in stats[-1] and "peak_mem_gb" in stats[-1]
     opts = json.load(open(os.path.join(run, "training_options.json")))
     assert opts["num_steps"] == 4 and opts["M"] == 3 and opts["afs"] is True
+    assert opts["fp16"] is False and opts["precision"] == "fp32"  # what runs on the CPU, whatever --fp16 says
 
     from models import load_snapshot
 
@@ -235,10 +236,13 @@ def test_sfdv_snapshot_samples_at_every_num_steps_and_second_stage_runs(tmp_path
     # Second stage from the SFD-v snapshot, perceptual term off (no LPIPS weights offline).
     r2 = CliRunner().invoke(train.main, ["--outdir", str(tmp_path / "stage2"), "--model_path", snap,
                                          "--is_second_stage", "True", "--num_steps", "3", "--M", "2",
-                                         "--sampler_tea", "euler", "--lr", "5e-4", "--lpips", "False", *TINY_RUN])
+                                         "--sampler_tea", "dpmpp", "--schedule_type", "logsnr", "--lr", "5e-4",
+                                         "--lpips", "False", *TINY_RUN])
     assert r2.exit_code == 0, r2.output
     from models import load_snapshot
 
+    # The folder names the teacher that ran: the first-stage model under Euler with its own schedule.
+    assert only_dir(str(tmp_path / "stage2" / "00000-*")).endswith("-3-1-euler-2-poly7.0-afs")
     snap2 = glob.glob(str(tmp_path / "stage2" / "00000-*" / "network-snapshot-*.safetensors"))[0]
     net2, settings2 = load_snapshot(snap2)
     assert settings2["is_second_stage"] is True and settings2["num_steps"] == 3 and settings2["afs"] is True

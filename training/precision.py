@@ -20,6 +20,10 @@ class RunMode:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = device
         self.modules = list(modules)
+        # fp32 means fp32: no TF32 in matmuls or convolutions (as EDM and the paper set it); the fp32 fallback
+        # after a NaN and the fp32 baseline of the equivalence check rely on it.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         armed = device.type == "cuda" or armed_on_cpu
         self.precision = precision if armed else "fp32"
         self._apply()
