@@ -8,6 +8,7 @@ Nothing from a file is executed: EDM pickles go through torch_utils.persistence'
 snapshots are safetensors. The returned network is float32, in eval mode, without gradients, on `device`.
 """
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch_utils import persistence
 
 from .edm import load_state_strict
 from .registry import BACKBONES, get_backbone
+from .snapshot import FORMAT_NAME as SNAPSHOT_FORMAT
 from .snapshot import NETWORK_CLASSES, load_snapshot
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,6 +96,9 @@ def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_c
             net = persistence.build_from_record(record, **overrides)
         settings = _pretrained_settings(dataset_name, sigma_min, sigma_max, use_step_condition, model_path)
         return _finish(net, settings, dataset_name, "edm_pickle", model_path, device)
+    if kind in ("safetensors", "torch_legacy"):
+        raise ValueError(f"{model_path} is a checkpoint of another program (not an SFD snapshot or EDM pickle); for "
+                         f"an LDM / Stable Diffusion checkpoint pass its --dataset_name too")
     raise ValueError(f"{model_path} is neither an SFD snapshot (.safetensors) nor an EDM network pickle (.pkl)")
 
 
@@ -138,14 +143,28 @@ def _backbone_file(row, cache_root):
     return dnnlib.download_file(row.url, os.path.join(cache_root, row.dataset_name), file_name=row.file_name)
 
 
+# torch.save's legacy (non-zip) format opens with a pickled magic number; an EDM pickle opens with a dict.
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 def _sniff(path):
-    """'pickle', 'snapshot' or None, from the first bytes (extensions are not trusted)."""
+    """'snapshot' (ours), 'pickle' (EDM), 'torch_legacy', 'safetensors' (another program's) or None, from the
+    content: extensions are not trusted."""
     with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:1] == b"\x80":  # pickle protocol >= 2
-        return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
-        return "snapshot"
+        head = f.read(len(_TORCH_LEGACY_MAGIC))
+        if head == _TORCH_LEGACY_MAGIC:
+            return "torch_legacy"
+        if head[:1] == b"\x80":  # pickle protocol >= 2
+            return "pickle"
+        if len(head) >= 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
+            f.seek(0)
+            size = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(min(size, 1 << 27)))
+                ours = (header.get("__metadata__") or {}).get("format") == SNAPSHOT_FORMAT
+            except (ValueError, AttributeError):
+                ours = False
+            return "snapshot" if ours else "safetensors"
     return None
 
 

@@ -235,3 +235,15 @@ def test_sfdv_training_and_sampling_end_to_end(tmp_path, monkeypatch):
     assert [os.path.basename(p) for p in pngs] == ["000000.png", "000001.png", "000002.png"]
     image = np.asarray(PIL.Image.open(pngs[0]))
     assert image.shape == (16, 16, 3) and image.std() > 0
+
+
+def test_a_legacy_non_zip_compvis_ckpt_given_as_model_path_loads(tmp_path, monkeypatch):
+    _, cache, folder = _install(tmp_path, monkeypatch)
+    parts = reference_parts(TINY_LDM, seed=7)
+    legacy = str(tmp_path / "elsewhere" / "old.ckpt")
+    os.makedirs(os.path.dirname(legacy))
+    torch.save({"state_dict": compvis_state(TINY_LDM, parts), "global_step": 1}, legacy,
+               _use_new_zipfile_serialization=False)
+    net = load_network("tiny_ldm", model_path=legacy, cache_root=str(cache)).net
+    expected = compvis_state(TINY_LDM, parts)["model.diffusion_model.out.2.weight"]
+    assert torch.equal(net.state_dict()["model.diffusion_model.out.2.weight"], expected)

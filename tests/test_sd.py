@@ -225,3 +225,17 @@ def test_sample_py_samples_a_pretrained_diffusers_folder(tmp_path, installed, pa
     assert r.exit_code == 0, r.output
     assert "NFE 4" in r.output  # 2 Euler steps, both guidance halves
     assert len(glob.glob("out/*/*.png")) == 2
+
+
+def test_an_official_safetensors_file_given_as_model_path_loads(tmp_path, installed, parts):
+    from safetensors.torch import save_file
+
+    row, cache = installed
+    path = str(tmp_path / "elsewhere" / "my-sd.safetensors")
+    os.makedirs(os.path.dirname(path))
+    save_file({k: v.contiguous() for k, v in compvis_state(TINY_SD, parts, text_layout="flat").items()}, path)
+    net = load_network(NAME, model_path=path, cache_root=str(cache)).net
+    own, source = net.model.diffusion_model.state_dict(), parts["unet"].state_dict()
+    assert set(own) == set(source) and all(torch.equal(own[k], source[k]) for k in own)
+    with pytest.raises(ValueError, match="pass its --dataset_name"):  # without the backbone it is not guessed
+        load_network(model_path=path, cache_root=str(cache))
