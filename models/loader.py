@@ -37,6 +37,9 @@ class LoadedNetwork:
     dataset_name: str       # None for a foreign pickle given without one
     source: str             # 'snapshot', 'edm_pickle' (a model_path) or 'pretrained' (a table row)
     path: str = None        # the file that was read
+    # A latent checkpoint holding both EMA and live U-Net weights: `net` carries the EMA (the teacher, as the paper
+    # runs it inside LDM's ema_scope) and this is (live U-Net tensors, source) to start the student from.
+    student_unet: tuple = None
 
 
 def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_condition=False, cache_root="./src"):
@@ -294,5 +297,7 @@ def _with_step_layers(net, source):
 
 
 def _finish(net, settings, dataset_name, source, path, device):
+    student_unet = net.__dict__.pop("student_unet", None)
     net = net.to(device).float().eval().requires_grad_(False)
-    return LoadedNetwork(net=net, settings=settings, dataset_name=dataset_name, source=source, path=os.path.abspath(path))
+    return LoadedNetwork(net=net, settings=settings, dataset_name=dataset_name, source=source, path=os.path.abspath(path),
+                         student_unet=student_unet)

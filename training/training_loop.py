@@ -176,6 +176,11 @@ def training_loop(
     sigma_min, sigma_max = teacher_cfg.sigma_min, teacher_cfg.sigma_max
 
     teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    if loaded.student_unet is not None:  # the paper: teacher on the EMA weights, student from the live ones
+        from models.latent.loading import copy_unet_weights
+
+        copy_unet_weights(net.model.diffusion_model, *loaded.student_unet)
+        loaded.student_unet = None
     if use_step_condition and not is_second_stage:
         teacher.ignore_step_condition()  # fresh step layers must not disturb the pre-trained teacher
     net.train().requires_grad_(True)

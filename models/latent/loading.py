@@ -72,6 +72,9 @@ def build_latent(row, model_path, use_step_condition, cache_root):
             config=config, dataset_name=row.dataset_name, sigma_min=row.sigma_min, sigma_max=row.sigma_max,
             use_step_condition=use_step_condition, guidance_rate=row.network_kwargs.get("guidance_rate", 1.0), base=base)
     _copy_in(net.model.diffusion_model, parts["unet"], parts["unet_source"])
+    if "unet_live" in parts:
+        # Handed to the loader's LoadedNetwork.student_unet (not kept on the module: copies would carry it).
+        net.__dict__["student_unet"] = (parts["unet_live"], parts["unet_source"])
     net.attach_frozen(first_stage=parts["first_stage"], prompts=parts.get("text"))
     settings = dict(dataset_name=row.dataset_name, model_source="ldm", model_path=base["checkpoint"],
                     sigma_min=net.sigma_min, sigma_max=net.sigma_max, use_step_condition=bool(use_step_condition),
@@ -130,6 +133,9 @@ def _read_compvis(config, base, row, state, source, want):
     parts = {"base": {}}
     if "unet" in want:
         parts["unet"], parts["unet_source"] = _unet_tensors(state, config, source), source
+        live = with_prefix(state, UNET_PREFIX)
+        if any(parts["unet"][k] is not v for k, v in live.items() if k in parts["unet"]):
+            parts["unet_live"] = live  # the file has both: the EMA for the teacher, the live weights for the student
     if "first_stage" in want:
         found = with_prefix(state, FIRST_STAGE_PREFIX)
         fs_source = source
@@ -194,6 +200,11 @@ def _unet_tensors(state, config, source):
                          + "; ".join(f"{label}: {', '.join(keys[:4])} ({len(keys)} in all)"
                                      for label, keys in (("missing", absent), ("unexpected", stray)) if keys) + ")")
     return {k: state.get(n, found[k]) for n, k in names.items()}
+
+
+def copy_unet_weights(unet, found, source):
+    """Load CompVis-named U-Net tensors into `unet` strictly (the student's live weights, see LoadedNetwork)."""
+    _copy_in(unet, found, source)
 
 
 def _copy_in(unet, found, source):
