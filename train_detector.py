@@ -40,7 +40,9 @@ def network_input(images: torch.Tensor, resolution: int) -> torch.Tensor:
     if images.shape[2] == 28 and images.shape[3] == 28:
         return F.pad(x, [2, 2, 2, 2], value=-1.0)  # black border, as dataset_tool.py pads
     if images.shape[2] != resolution or images.shape[3] != resolution:
-        x = F.interpolate(x, size=[resolution, resolution], mode="bilinear", align_corners=False, antialias=True)
+        # The antialiased bilinear op itself, not F.interpolate: scripted, F.interpolate brings every mode's op
+        # into the file, and a file naming an op that an older torch lacks does not load there.
+        x = torch.ops.aten._upsample_bilinear2d_aa(x, [resolution, resolution], False, None)
     return x
 
 

@@ -1,6 +1,7 @@
 """The shipped Fashion-MNIST teacher, detector and reference statistics load and do their jobs."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -55,6 +56,31 @@ def test_detector_interface(detector):
     padded = torch.nn.functional.pad(images, [2, 2, 2, 2])
     torch.testing.assert_close(compute_features(detector, padded), features, rtol=1e-5, atol=1e-5)
     assert detector(padded).shape == (4, 10)  # logits without return_features
+
+
+# Every op the shipped detector's TorchScript may name: all exist in torch 2.0 and later. A scripted
+# F.interpolate names every resize mode's op, among them aten::_upsample_lanczos2d_aa, which torch 2.11 lacks:
+# such a file failed to load on the GPU machine's torch 2.11.
+DETECTOR_OPS = {"__getitem__", "__not__", "_upsample_bilinear2d_aa", "add", "add_", "batch_norm", "conv2d", "dim",
+                "div", "dropout", "eq", "flatten", "format", "len", "linear", "max_pool2d", "mean", "mul", "ne",
+                "pad", "relu", "size", "sub", "to"}
+
+
+def test_detector_names_only_ops_older_torch_has(detector):
+    named = set(re.findall(r"aten::(\w+)", str(detector.inlined_graph)))
+    assert named <= DETECTOR_OPS, sorted(named - DETECTOR_OPS)
+
+
+def test_train_detector_exports_only_those_ops():
+    import train_detector
+
+    scripted = torch.jit.script(train_detector.PooledTrunk(train_detector.FMNISTClassifier()).eval())
+    named = set(re.findall(r"aten::(\w+)", str(scripted.inlined_graph)))
+    assert named <= DETECTOR_OPS, sorted(named - DETECTOR_OPS)
+    images = torch.randint(0, 256, [2, 1, 40, 40], dtype=torch.uint8)  # resized: antialiased bilinear
+    expected = torch.nn.functional.interpolate(images.float() / 127.5 - 1, size=[32, 32], mode="bilinear",
+                                               align_corners=False, antialias=True)
+    torch.testing.assert_close(train_detector.network_input(images, 32), expected)
 
 
 def test_reference_statistics():

@@ -55,7 +55,8 @@ def teacher_trajectory(teacher, latents, schedule, cfg, class_labels=None, condi
         schedule_rho=cfg.schedule_rho, afs=cfg.afs, denoise_to_zero=False, return_inters=True,
         step_condition=step_condition, **(cfg.solver_options or {}),
     )
-    return traj[list(schedule.teacher_index)]
+    # Integer indexing only: a list index would be copied to the device, a host-device sync on CUDA.
+    return torch.stack([traj[k] for k in schedule.teacher_index])
 
 
 def student_step(net, x, schedule, i, afs, class_labels=None, condition=None, unconditional_condition=None,

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The built-in table, the SFD-2 curve and the metric's sanity ladder on one GPU, within a fixed wall-clock budget.
+#
+#   OUT=/some/folder bash experiments/gpu_table.sh        # default OUT: ./gpu-table-out
+#
+# Every distillation is its own process (the Fashion-MNIST network is small, so one process leaves the GPU mostly
+# idle), each with its own work folder under $WORK; the baselines and the ladder run beside them. At DEADLINE_S the
+# processes still running are stopped; their training-state dumps stay resumable with the same fmnist_table.py
+# command. What comes back in $OUT:
+#   results.tar.gz   every work folder's rows.jsonl, settings.json, stats.jsonl and done.json, the ladder's report,
+#                    the logs;
+#   <row>.safetensors the final snapshot of every finished distillation (for grids and re-scoring);
+#   <row>-state.pt   the latest dump of a distillation that did not finish (resume it elsewhere).
+# Merge the rows into one table with `fmnist_table.py --table_only` on a work folder holding them (see the README).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu-table-out}
+WORK=${WORK:-./exps/gpu-table}
+METRIC_WORK=${METRIC_WORK:-$WORK/metric}  # the ladder's image cache (carry the reference images to skip them)
+DEADLINE_S=${DEADLINE_S:-480}
+NUM=${NUM:-10000}          # samples per row
+KIMG=${KIMG:-200}          # SFD rows (launch.sh's CIFAR-10 recipe)
+KIMG_V=${KIMG_V:-200}      # SFD-v (launch.sh: 800; smaller to fit the budget)
+KIMG2=${KIMG2:-200}        # second stage (launch.sh: 2000)
+TICK=${TICK:-2}
+CURVE_EVERY=${CURVE_EVERY:-5}
+PY=${PYTHON:-python3}
+EXTRA=${EXTRA:-}           # more fmnist_table.py options, e.g. --device cpu for a dry run
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+mkdir -p "$OUT" "$WORK/logs"
+LOGS="$WORK/logs"
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    git rev-parse HEAD 2>/dev/null
+    nproc
+} >"$LOGS/env.log" 2>&1
+
+table() {  # table NAME ROWS [options...]: one fmnist_table.py process in its own work folder
+    local name=$1 rows=$2; shift 2
+    $PY experiments/fmnist_table.py --num "$NUM" --kimg "$KIMG" --row_kimg "sfdv=$KIMG_V,stage2=$KIMG2" \
+        --tick "$TICK" --curve_every "$CURVE_EVERY" --dump_every 3 --rows "$rows" --workdir "$WORK/$name" \
+        --out "$WORK/$name/table.md" $EXTRA "$@" >"$LOGS/$name.log" 2>&1
+    echo "$name exit $? at ${SECONDS}s" >>"$LOGS/driver.log"
+}
+
+# One endpoint (10k Heun images, seeds 0..NUM-1) for all: the baselines' process makes it first, the others read
+# it when they score (a link that does not resolve yet makes a process compute its own, the same images).
+for name in sfd2 sfd3 sfd4 sfd5 sfdv; do
+    mkdir -p "$WORK/$name"
+    [ -e "$WORK/$name/reference.npy" ] || ln -sfn ../base/reference.npy "$WORK/$name/reference.npy"
+done
+
+pids=()
+others=()
+table sfd2 sfd2 & pids+=($!)
+table sfd3 sfd3 & pids+=($!)
+table sfd4 sfd4 & pids+=($!)
+table sfd5 sfd5 & pids+=($!)
+table sfdv sfdv,stage2 & pids+=($!)
+table base ref,ddim10,ddim50,dpmpp5,dpmpp10 & pids+=($!)
+( $PY experiments/fmnist_metric.py --num "$NUM" --ref_num "$NUM" --sets A,B --workdir "$METRIC_WORK" \
+    --out "$WORK/metric.md" ${EXTRA} >"$LOGS/metric.log" 2>&1
+  echo "metric exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & pids+=($!)
+if [ -z "${NO_GPU_TESTS:-}" ]; then
+    ( timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) >"$LOGS/pytest-gpu.log" 2>&1
+      echo "pytest-gpu exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & others=($!)
+fi
+( while sleep 20; do echo "t=${SECONDS}s"; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null; done ) \
+    >"$LOGS/gpu-util.log" 2>&1 &
+monitor=$!
+
+while [ $SECONDS -lt "$DEADLINE_S" ]; do
+    running=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && running=1; done
+    [ $running -eq 0 ] && break
+    sleep 5
+done
+echo "stopping at ${SECONDS}s" >>"$LOGS/driver.log"
+stop() {  # stop SIGNAL: the python processes this script started (never others of the same name)
+    for p in "${pids[@]}" "${others[@]}"; do pkill "-$1" -P "$p" 2>/dev/null; done
+}
+stop INT
+sleep 8
+stop KILL
+kill "$monitor" 2>/dev/null
+wait 2>/dev/null
+
+# What comes back: the small files in one archive, then snapshots and dumps while the limits allow (8 files).
+find "$WORK" \( -name rows.jsonl -o -name settings.json -o -name stats.jsonl -o -name done.json -o -name '*.md' \
+    -o -name '*.json' -o -name '*.log' \) -print0 | tar -czf "$OUT/results.tar.gz" --null -T -
+n=1
+room() {  # room FILE: whether FILE still fits in what comes back (60 MB together)
+    local used; used=$(du -cb "$OUT" | tail -1 | cut -f1)
+    [ $((used + $(stat -c %s "$1"))) -lt 60000000 ]
+}
+for run in "$WORK"/*/distil/*; do
+    [ -d "$run" ] || continue
+    row=$(basename "$run")
+    if [ -f "$run/done.json" ]; then
+        snap=$(ls "$run"/network-snapshot-*.safetensors 2>/dev/null | tail -1)
+        [ -n "$snap" ] && [ $n -lt 8 ] && room "$snap" && cp "$snap" "$OUT/$row.safetensors" && n=$((n + 1))
+    fi
+done
+for run in "$WORK"/*/distil/*; do
+    [ -d "$run" ] || continue
+    row=$(basename "$run")
+    if [ ! -f "$run/done.json" ]; then
+        dump=$(ls "$run"/training-state-*.pt 2>/dev/null | tail -1)
+        [ -n "$dump" ] && [ $n -lt 8 ] && room "$dump" && cp "$dump" "$OUT/$row-state.pt" && n=$((n + 1))
+    fi
+done
+cat "$LOGS/driver.log"
+tail -n 3 "$LOGS"/*.log
+ls -la "$OUT"
