@@ -90,6 +90,11 @@ def fid(stats, ref):
     return float(frechet_distance(stats[0], stats[1], ref[0], ref[1]))
 
 
+def shown(path):
+    """A path as a report records it: relative to the repo when inside it (no machine paths in reports)."""
+    return os.path.relpath(path, REPO) if path and os.path.abspath(path).startswith(REPO + os.sep) else path
+
+
 def is_monotone(values):
     """Strictly decreasing with more NFE."""
     return all(a > b for a, b in zip(values, values[1:]))
@@ -161,8 +166,7 @@ def main(teacher, detectors, data_refs, num, ref_num, sets_text, write_ref, samp
         det = load_detector(det_path, device=device)
         ref = stats_of(det, ref_images, device)
         data = load_ref(data_ref) if data_ref else None
-        entry = dict(detector=os.path.relpath(det_path, REPO) if det_path.startswith(REPO) else det_path,
-                     data_ref=data_ref, rows=[], monotone={})
+        entry = dict(detector=shown(det_path), data_ref=shown(data_ref), rows=[], monotone={})
         if data is not None:
             entry["reference_data_fid"] = fid(ref, data)
         for s, name, solver, nfe, images in rows:

@@ -29,6 +29,8 @@ def test_metric_ladder_report_and_reference(tmp_path, tiny_teacher_pkl):
     assert rows == [(s, name, nfe) for s in "AB" for name, (_, nfes) in fmnist_metric.LADDERS.items() for nfe in nfes]
     assert all(row["teacher_fid"] > 0 and row["data_fid"] > 0 for row in entry["rows"])
     assert set(entry["monotone"]) == {"A:DPM-Solver++(3M)", "A:Heun", "B:DPM-Solver++(3M)", "B:Heun"}
+    # Files of the repo are recorded relative to it: a committed report names no machine path.
+    assert (entry["detector"], entry["data_ref"]) == ("assets/fmnist-detector.pt", "assets/fmnist-train-ref.npz")
     stats = np.load(ref)
     assert stats["mu"].shape == (128,) and stats["sigma"].shape == (128, 128)
     # The reference holds the 4 Heun-34 images of seeds 100000..100003, and set B is not set A.
