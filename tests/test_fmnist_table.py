@@ -106,11 +106,11 @@ def test_sfd2_curve_scores_each_snapshot_and_plots(tmp_path, tiny):
     pytest.importorskip("matplotlib")  # requirements-experiments.txt; CI installs it
     work, out = tmp_path / "work", tmp_path / "t.md"
     args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "dpmpp5,sfd2", "--kimg", "3",
-                   "--batch", "16", "--curve_every", "1", "--plots"]
+                   "--batch", "512", "--curve_every", "1", "--plots"]
     r = run(args)
     assert r.exit_code == 0, r.output
     curve = [row for row in read_rows(work) if row["key"] == "curve"]
-    # Ticks end at 1.008, 2.016 and 3.008 kimg; EDM's loop snapshots after every tick but the first.
+    # Ticks end at 1.024, 2.048 and 3.072 kimg (two iterations each); EDM's loop snapshots after every tick but the first.
     assert [row["kimg"] for row in curve] == [2, 3]
     assert curve[0]["distill_s"] < curve[1]["distill_s"]
     final = next(row for row in read_rows(work) if row["key"] == "sfd2")

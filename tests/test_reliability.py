@@ -33,6 +33,9 @@ def test_sigkill_then_resume_finishes_the_run_and_matches_an_uninterrupted_one(t
     pkl, _ = tiny_teacher_pkl
     env = dict(os.environ, OMP_NUM_THREADS="1")
     total = "0.2"  # 50 iterations of batch 4, a tick every 5
+    # The uninterrupted run with the same seed, beside the one to be killed (2 cores, one thread each).
+    straight_proc = subprocess.Popen(_train_cmd(tmp_path / "straight", pkl, "--total_kimg", total, "--dump", "1"),
+                                     cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     proc = subprocess.Popen(_train_cmd(tmp_path / "killed", pkl, "--total_kimg", total, "--dump", "1"),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -63,10 +66,9 @@ def test_sigkill_then_resume_finishes_the_run_and_matches_an_uninterrupted_one(t
     assert kimgs == sorted(set(kimgs)) and kimgs[-1] == pytest.approx(float(total))
     assert len(kimgs) == 10  # one line per tick, none lost, none doubled
 
-    # The uninterrupted run with the same seed: same loss curve and same final weights.
-    r2 = subprocess.run(_train_cmd(tmp_path / "straight", pkl, "--total_kimg", total, "--dump", "1"), cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=300)
-    assert r2.returncode == 0, r2.stderr
+    # The uninterrupted run: same loss curve and same final weights.
+    _, straight_err = straight_proc.communicate(timeout=300)
+    assert straight_proc.returncode == 0, straight_err
     straight = _stats(glob.glob(str(tmp_path / "straight" / "00000-*"))[0])
     for a, b in zip(stats, straight):
         assert a["kimg"] == b["kimg"]
