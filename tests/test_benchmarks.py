@@ -28,6 +28,7 @@ def check_env(result):
     assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["device_name"]
 
 
+@pytest.mark.slow
 def test_bench_train_tiny(tmp_path):
     json_path = tmp_path / "out" / "bench.jsonl"
     r, stdout = run_script("bench_train.py", "--tiny", "--device=cpu", "--batch=4", "--warmup_kimg=0.004",
@@ -64,6 +65,7 @@ def test_bench_sample_tiny(tmp_path):
     assert not list(tmp_path.iterdir())  # PNGs went to a temporary folder that is gone
 
 
+@pytest.mark.slow
 def test_bench_sample_fast_path_switches(tmp_path):
     """sample.py's switches reach the benchmark: channels-last and a compiled (traced) network; mixed precision
     stays off on a CPU as in sample.py."""
@@ -74,6 +76,7 @@ def test_bench_sample_fast_path_switches(tmp_path):
     assert r["img_per_s_png_off"] > 0 and "img_per_s_png_on" not in r
 
 
+@pytest.mark.slow
 def test_bench_fid_tiny(tmp_path):
     r, stdout = run_script("bench_fid.py", "--tiny", "--device=cpu", "--channels=1", cwd=tmp_path)
     assert r["bench"] == "fid"
@@ -116,6 +119,7 @@ def test_loop_kwargs_are_checked_against_training_loop():
         parse_loop_kwargs(["fp16"], training_loop)
 
 
+@pytest.mark.slow
 def test_check_equivalence_tiny_measures_what_it_claims(tmp_path):
     """bf16 autocast changes the losses by mixed-precision noise, not more; channels-last through a traced graph
     changes nothing beyond float32 rounding; EDM's fp16 is CUDA-only, so on a CPU it is the fp32 path exactly."""

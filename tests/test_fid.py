@@ -469,6 +469,7 @@ def test_streaming_fid_equals_png_route(setup, tmp_path):
     assert via_png > 0.01
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup, tmp_path):
     ref = str(tmp_path / "a.npz")
     common = ["--detector", setup.det, "--workers", "0", "--batch", "8"]

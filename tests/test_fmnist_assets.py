@@ -109,6 +109,7 @@ def test_detector_classifies_and_ref_matches_real_images(detector, test_images):
     assert fid_real * 20 < fid_noise, (fid_real, fid_noise)
 
 
+@pytest.mark.slow
 def test_teacher_loads_from_pickle():
     loaded = load_network(model_path=TEACHER)
     net = loaded.net

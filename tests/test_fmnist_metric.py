@@ -16,6 +16,7 @@ DETECTOR = os.path.join(ROOT, "assets", "fmnist-detector.pt")
 DATA_REF = os.path.join(ROOT, "assets", "fmnist-train-ref.npz")
 
 
+@pytest.mark.slow
 def test_metric_ladder_report_and_reference(tmp_path, tiny_teacher_pkl):
     out, ref = tmp_path / "m.md", tmp_path / "teacher-ref.npz"
     args = ["--teacher", tiny_teacher_pkl[0], "--detectors", DETECTOR, "--num", "3", "--ref_num", "4",

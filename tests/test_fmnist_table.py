@@ -32,6 +32,7 @@ def run(args):
     return CliRunner().invoke(fmnist_table.main, args)
 
 
+@pytest.mark.slow
 def test_table_script_fills_every_row_and_resumes(tmp_path, tiny):
     out, work = tmp_path / "table.md", tmp_path / "work"
     args = tiny + ["--workdir", str(work), "--out", str(out), "--row_kimg", "sfd5=0.004"]
@@ -102,6 +103,7 @@ def test_table_bad_options_are_one_line_errors(tmp_path, tiny, option, value, wo
     assert "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_sfd2_curve_scores_each_snapshot_and_plots(tmp_path, tiny):
     pytest.importorskip("matplotlib")  # requirements-experiments.txt; CI installs it
     work, out = tmp_path / "work", tmp_path / "t.md"

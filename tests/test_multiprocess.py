@@ -32,6 +32,7 @@ def root_cause_rank(output):
     return int(re.search(r"rank\s+: (\d+)", report).group(1))
 
 
+@pytest.mark.slow
 def test_rank0_load_failure_ends_every_rank_with_its_one_line(tmp_path):
     bad = tmp_path / "broken.pkl"
     bad.write_text("not a network pickle\n")
@@ -46,6 +47,7 @@ def test_rank0_load_failure_ends_every_rank_with_its_one_line(tmp_path):
     assert not (tmp_path / "exps").exists()  # no half-made experiment folder
 
 
+@pytest.mark.slow
 def test_sample_option_error_is_printed_once(tmp_path):
     p = torchrun("sample.py", "--model_path", "7", "--exps_dir", str(tmp_path), "--seeds", "0-3", "--device",
                  "cpu", cwd=tmp_path)

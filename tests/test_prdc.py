@@ -101,6 +101,7 @@ def test_cli_same_and_different_folders(tmp_path):
     assert r.exit_code == 2 and "--nearest_k" in r.output
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     import os
     import subprocess

@@ -29,6 +29,7 @@ def _stats(run):
     return [json.loads(line) for line in open(os.path.join(run, "stats.jsonl"))]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_finishes_the_run_and_matches_an_uninterrupted_one(tmp_path, tiny_teacher_pkl):
     pkl, _ = tiny_teacher_pkl
     env = dict(os.environ, OMP_NUM_THREADS="1")

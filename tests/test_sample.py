@@ -316,6 +316,7 @@ def test_in_process_fid_equals_png_route(snapshot, tmp_path):
     assert float(r3.output.split("FID:")[1].split()[0]) == pytest.approx(in_process, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_write_the_same_pngs(snapshot, tmp_path):
     _, run = snapshot
     snap = str(run / "network-snapshot-000020.safetensors")

@@ -274,6 +274,7 @@ def test_class_conditional_teacher_trains(tmp_path, tiny_cond_teacher_pkl):
     assert all(torch.isfinite(p).all() for p in res.net.parameters())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_cpu(tmp_path, tiny_teacher_pkl):
     pkl, _ = tiny_teacher_pkl
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -398,6 +399,7 @@ if "sfd_test_counting" not in torch._dynamo.list_backends(exclude_tags=()):
     torch._dynamo.register_backend(_counting_backend, name="sfd_test_counting")
 
 
+@pytest.mark.slow
 def test_compiled_sfdv_student_is_one_graph_for_every_step_count(tiny_teacher_pkl, monkeypatch):
     """torch.compile traces the teacher and the (DDP-less) student, and the compiled run trains exactly as the eager
     one. SFD-v draws num_steps from 4..7 each iteration; the step condition reaches the compiled student as a tensor,
