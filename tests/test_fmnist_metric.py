@@ -103,6 +103,12 @@ def test_quickstart_report_compares_student_and_solvers(tmp_path, tiny_teacher_p
     student, baseline = table[0], table[-1]
     verdict = "beats" if float(student[2]) < float(baseline[2]) else "does not yet beat"
     assert lines[-1].startswith("Result: after ") and f"2-NFE SFD student {verdict} DPM-Solver++(3M) at 5 NFE" in lines[-1]
+    # quickstart.sh's settings (channels-last networks, batches of 3): the same table to its printed digits.
+    r = CliRunner().invoke(quickstart_report.main, ["--student", str(run), "--teacher", pkl, "--teacher_ref",
+                                                    DATA_REF, "--num", "4", "--device", "cpu", "--batch", "3",
+                                                    "--channels_last", "True"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[1:-1] == lines[1:-1]
 
 
 @pytest.mark.parametrize("student_fid, verdict", [(1.0, "beats"), (3.0, "does not yet beat")])
