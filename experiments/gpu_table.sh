@@ -12,6 +12,8 @@
 #   <row>.safetensors the final snapshot of every finished distillation (for grids and re-scoring);
 #   <row>-state.pt   the latest dump of a distillation that did not finish (resume it elsewhere).
 # Merge the rows into one table with `fmnist_table.py --table_only` on a work folder holding them (see the README).
+# To continue an earlier call, put its dumps back under $WORK/<row>/distil/<row>-<kimg>kimg/ (with its stats.jsonl
+# and settings.json) and name $WORK in the device call's carry: each distillation resumes from its latest dump.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-table-out}
@@ -61,9 +63,11 @@ table sfd4 sfd4 & pids+=($!)
 table sfd5 sfd5 & pids+=($!)
 table sfdv sfdv,stage2 & pids+=($!)
 table base ref,ddim10,ddim50,dpmpp5,dpmpp10 & pids+=($!)
-( $PY experiments/fmnist_metric.py --num "$NUM" --ref_num "$NUM" --sets A,B --workdir "$METRIC_WORK" \
-    --out "$WORK/metric.md" ${EXTRA} >"$LOGS/metric.log" 2>&1
-  echo "metric exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & pids+=($!)
+if [ -z "${NO_METRIC:-}" ]; then  # NO_METRIC=1: the ladder is done (experiments/fmnist_metric.md)
+    ( $PY experiments/fmnist_metric.py --num "$NUM" --ref_num "$NUM" --sets A,B --workdir "$METRIC_WORK" \
+        --out "$WORK/metric.md" ${EXTRA} >"$LOGS/metric.log" 2>&1
+      echo "metric exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & pids+=($!)
+fi
 if [ -z "${NO_GPU_TESTS:-}" ]; then
     ( timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) >"$LOGS/pytest-gpu.log" 2>&1
       echo "pytest-gpu exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & others=($!)
