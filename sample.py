@@ -36,6 +36,7 @@ from torch_utils import distributed as dist
 from torch_utils import cli
 from torch_utils.cli import CommandError
 from training.precision import RunMode, maybe_compile, prepare_module
+from training.sfd_loss import SFDV_NUM_STEPS
 
 SOLVER_OPTION_NAMES = ("max_order", "predict_x0", "lower_order_final", "thresholding")
 
@@ -163,7 +164,7 @@ def resolve_sampling(loaded, opts):
         num_steps = st["num_steps"]
         step_condition = None
         if st.get("use_step_condition") and not st.get("is_second_stage"):
-            lo, hi = st.get("step_condition_range", (4, 7))
+            lo, hi = st.get("step_condition_range", SFDV_NUM_STEPS)
             num_steps = opts.num_steps if opts.num_steps is not None else num_steps
             if not lo <= num_steps <= hi:
                 raise click.BadParameter(f"this SFD-v model was trained for num_steps {lo}..{hi}, got {num_steps}",

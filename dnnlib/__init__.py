@@ -1,5 +1,5 @@
-"""Small shared utilities: attribute dicts, construct-by-name and cached downloads."""
+"""Small shared utilities: attribute dicts and cached downloads."""
 
-from .util import EasyDict, construct_class_by_name, get_obj_by_name, open_url, download_file, DownloadError
+from .util import EasyDict, open_url, download_file, DownloadError
 
-__all__ = ["EasyDict", "construct_class_by_name", "get_obj_by_name", "open_url", "download_file", "DownloadError"]
+__all__ = ["EasyDict", "open_url", "download_file", "DownloadError"]

@@ -1,11 +1,10 @@
-"""EasyDict, construct-by-name, and a download cache under ./src/{dataset_name}/.
+"""EasyDict and a download cache under ./src/{dataset_name}/.
 
 Downloads never happen twice: a file already present in the cache folder is used as is.
 With no network the error names the file, the URL and the folder to place it in, within seconds.
 """
 
 import contextlib
-import importlib
 import os
 import tempfile
 import urllib.parse
@@ -25,18 +24,6 @@ class EasyDict(dict):
 
     def __delattr__(self, name):
         del self[name]
-
-
-def get_obj_by_name(name):
-    """'package.module.attr' -> the attribute."""
-    module_name, _, attr = name.rpartition(".")
-    if not module_name:
-        raise ValueError(f"expected a dotted name 'module.attr', got {name!r}")
-    return getattr(importlib.import_module(module_name), attr)
-
-
-def construct_class_by_name(*args, class_name, **kwargs):
-    return get_obj_by_name(class_name)(*args, **kwargs)
 
 
 class DownloadError(RuntimeError):

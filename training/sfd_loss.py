@@ -12,6 +12,8 @@ import torch
 
 import solvers
 
+SFDV_NUM_STEPS = (4, 7)  # SFD-v draws the student's num_steps uniformly from this range (both ends) each iteration
+
 
 @dataclass(frozen=True)
 class DistillSchedule:

@@ -20,6 +20,7 @@ import dnnlib
 from models import load_network, save_snapshot
 from torch_utils import distributed as dist
 from training import sfd_loss
+from training.sfd_loss import SFDV_NUM_STEPS
 from training import state as train_state
 from training.precision import NonFiniteWatch, RunMode, maybe_compile, prepare_module
 from training.perceptual import PerceptualLoss
@@ -29,9 +30,6 @@ SNAPSHOT_SETTINGS = (
     "sigma_max", "use_step_condition", "sampler_tea", "max_order", "predict_x0", "lower_order_final",
     "is_second_stage", "guidance_type", "guidance_rate",
 )
-
-SFDV_NUM_STEPS = (4, 7)  # SFD-v draws the student's num_steps uniformly from this range each iteration
-
 
 def draw_sfdv_num_steps(step_rng):
     """SFD-v's student num_steps for one iteration: uniform on SFDV_NUM_STEPS, both ends included."""
