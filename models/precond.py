@@ -20,7 +20,7 @@ import torch
 from .edm import UNET_CLASSES, RecordedModule
 
 
-def _per_sample(value, batch, device, option):
+def per_sample(value, batch, device, option):
     """A python number, a 0-dim tensor or a [B] tensor as a float32 [B] tensor."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return torch.full([batch], float(value), dtype=torch.float32, device=device)  # a fill: no host-to-device copy
@@ -53,7 +53,7 @@ class _Precond(RecordedModule):
                 step_condition=None, augment_labels=None, force_fp32=False):
         x = x.to(torch.float32)
         batch = x.shape[0]
-        sigma = _per_sample(sigma, batch, x.device, "sigma").reshape(-1, 1, 1, 1)
+        sigma = per_sample(sigma, batch, x.device, "sigma").reshape(-1, 1, 1, 1)
         if self.label_dim:
             class_labels = (torch.zeros([1, self.label_dim], device=x.device) if class_labels is None
                             else class_labels.to(torch.float32).reshape(-1, self.label_dim))
@@ -62,7 +62,7 @@ class _Precond(RecordedModule):
         if self.use_step_condition:
             if step_condition is None:
                 raise ValueError("this network was built with use_step_condition=True: pass step_condition=num_steps")
-            step_condition = _per_sample(step_condition, batch, x.device, "step_condition")
+            step_condition = per_sample(step_condition, batch, x.device, "step_condition")
         else:
             step_condition = None  # a plain network has no step layers to feed
         dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32

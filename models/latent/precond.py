@@ -20,6 +20,7 @@ import copy
 import torch
 
 from ..edm import RecordedModule
+from ..precond import per_sample
 from ..snapshot import register_network_class
 from .unet import LatentUNet
 
@@ -38,15 +39,6 @@ def _interp(x, xp, fp):
     idx = torch.searchsorted(xp, x.clamp(xp[0], xp[-1]).contiguous()).clamp(1, len(xp) - 1)
     x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
     return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
-
-
-def _per_sample(value, batch, device, what):
-    value = torch.as_tensor(value, device=device).reshape(-1)
-    if value.numel() == 1:
-        return value.expand(batch)
-    if value.numel() != batch:
-        raise ValueError(f"{what} has {value.numel()} values for a batch of {batch}: pass one number or one per sample")
-    return value
 
 
 class _FrozenParts:
@@ -129,13 +121,13 @@ class LatentDiffusionPrecond(RecordedModule):
                 step_condition=None, augment_labels=None, force_fp32=False):
         x = x.to(torch.float32)
         batch = x.shape[0]
-        sigma = _per_sample(sigma, batch, x.device, "sigma").to(torch.float32)
+        sigma = per_sample(sigma, batch, x.device, "sigma")
         c_in = (1 / (sigma ** 2 + 1).sqrt()).reshape(-1, 1, 1, 1)
         c_noise = self.M * self.sigma_inv(sigma) - 1  # the (fractional) discrete timestep
         if self.use_step_condition:
             if step_condition is None:
                 raise ValueError("this network was built with use_step_condition=True: pass step_condition=num_steps")
-            step_condition = _per_sample(step_condition, batch, x.device, "step_condition").to(torch.float32)
+            step_condition = per_sample(step_condition, batch, x.device, "step_condition")
         else:
             step_condition = None
         autocast = bool(self.use_fp16 and not force_fp32 and x.device.type == "cuda")
