@@ -23,7 +23,7 @@ import solvers
 from models import load_network
 from models.edm import is_step_layer_key
 from training import sfd_loss
-from training.training_loop import make_optimizer, sfd_iteration, sfdv_teacher_M, solver_options
+from training.training_loop import make_optimizer, sfd_iteration, solver_options
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "reference")
 RECORD = json.load(open(os.path.join(REF, "sfd-iteration.json")))
@@ -73,7 +73,7 @@ def run_recorded(run):
         rec = dict(trajectories=[], student_calls=[], l1=[], optimizer_steps=[], thresholded=[], params_before={
             name: p.detach().clone() for name, p in params.items()})
         num_steps = it["num_steps"]
-        M = sfdv_teacher_M(num_steps) if sfdv else lk["M"]
+        M = sfd_loss.SFDV_TEACHER_M if sfdv else lk["M"]
         schedule = sfd_loss.make_distill_schedule(num_steps, M, st["sigma_min"], st["sigma_max"], lk["schedule_type"],
                                                   lk["schedule_rho"], net=teacher)
         # The paper's loop draws sigma_max * randn and hands its teacher latents / t_steps[0] (float32 79.99998).

@@ -13,6 +13,7 @@ import torch
 import solvers
 
 SFDV_NUM_STEPS = (4, 7)  # SFD-v draws the student's num_steps uniformly from this range (both ends) each iteration
+SFDV_TEACHER_M = 3  # SFD-v's teacher points between two student points, for every num_steps of that range
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,6 @@ def make_optimizer(params, lr):
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def sfdv_teacher_M(num_steps):
-    return 2 if num_steps == 3 else 3
-
-
 def solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresholding=True):
     """Options that the chosen teacher solver takes (None max_order = the solver's own default)."""
     opts = {}
@@ -259,7 +255,7 @@ def training_loop(
         # SFD-v: a fresh student length (and matching teacher density) each iteration.
         if use_step_condition and not is_second_stage:
             cur_steps = draw_sfdv_num_steps(step_rng)
-            schedule = sfd_loss.make_distill_schedule(cur_steps, sfdv_teacher_M(cur_steps), sigma_min, sigma_max,
+            schedule = sfd_loss.make_distill_schedule(cur_steps, sfd_loss.SFDV_TEACHER_M, sigma_min, sigma_max,
                                                       schedule_type, schedule_rho, net=teacher, device=device)
         else:
             cur_steps, schedule = num_steps, fixed_schedule
