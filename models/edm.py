@@ -303,108 +303,163 @@ def _dropped_labels(class_labels, label_dropout, training):
 
 
 # ----------------------------------------------------------------------------
-# DDPM++ / NCSN++ (EDM's SongUNet).
+# The two U-Nets share one layout. Level i works at resolution img_resolution / 2**i; its blocks have
+# model_channels * channel_mult[i] channels. The encoder visits the levels finest first: a stem convolution
+# (level 0) or a downsampling block, then `num_blocks` blocks, every output kept as a skip connection. The
+# decoder visits them coarsest first: two middle blocks (coarsest level) or an upsampling block, then
+# `num_blocks + 1` blocks that each take one skip. Module names ("16x16_block0", "8x8_in0", ...) are the keys
+# of EDM's checkpoints.
 
 
-class SongUNet(RecordedModule):
-    def __init__(self,
-                 img_resolution,                  # Image resolution at input/output.
-                 in_channels,                     # Number of color channels at input.
-                 out_channels,                    # Number of color channels at output.
-                 label_dim=0,                     # Number of class labels, 0 = unconditional.
-                 augment_dim=0,                   # Augmentation label dimensionality, 0 = no augmentation.
-                 model_channels=128,              # Base multiplier for the number of channels.
-                 channel_mult=(1, 2, 2, 2),       # Per-resolution multipliers for the number of channels.
-                 channel_mult_emb=4,              # Multiplier for the dimensionality of the embedding vector.
-                 num_blocks=4,                    # Number of residual blocks per resolution.
-                 attn_resolutions=(16,),          # Resolutions with self-attention.
-                 dropout=0.10,                    # Dropout probability of intermediate activations.
-                 label_dropout=0,                 # Dropout probability of class labels (classifier-free guidance).
-                 embedding_type="positional",     # 'positional' (DDPM++) or 'fourier' (NCSN++).
-                 channel_mult_noise=1,            # Timestep embedding size: 1 for DDPM++, 2 for NCSN++.
-                 encoder_type="standard",         # 'standard' (DDPM++), 'skip' or 'residual' (NCSN++).
-                 decoder_type="standard",         # 'standard' or 'skip'.
-                 resample_filter=(1, 1),          # [1,1] for DDPM++, [1,3,3,1] for NCSN++.
-                 use_step_condition=False,        # SFD-v: add the step-condition layers.
-                 ):
+class _LevelUNet(RecordedModule):
+    """Encoder/decoder walk shared by SongUNet and DhariwalUNet; subclasses define the embeddings and the head."""
+
+    def _build_levels(self, img_resolution, in_channels, out_channels, stem_channels, widths, num_blocks,
+                      attn_resolutions, new_block, init, init_zero, attend_all_decoder_blocks,
+                      resample_filter=(1, 1), encoder_type="standard", decoder_type=None):
+        """Create `enc` and `dec`. decoder_type None: no image head (ADM); 'standard'/'skip': NCSN++ heads."""
+        self.tags = [f"{img_resolution >> i}x{img_resolution >> i}" for i in range(len(widths))]
+        self.num_blocks, self.encoder_type, self.decoder_type = num_blocks, encoder_type, decoder_type
+        attends = [(img_resolution >> i) in attn_resolutions for i in range(len(widths))]
+        self.enc, self.dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
+        enc, dec = self.enc, self.dec
+
+        width, image_width, skip_widths = stem_channels, in_channels, []
+        for level, tag in enumerate(self.tags):
+            if level == 0:
+                enc[f"{tag}_conv"] = Conv2d(in_channels=in_channels, out_channels=width, kernel=3, **init)
+            else:
+                enc[f"{tag}_down"] = new_block(width, width, down=True)
+            if level and encoder_type == "skip":
+                enc[f"{tag}_aux_down"] = Conv2d(in_channels=image_width, out_channels=image_width, kernel=0,
+                                                down=True, resample_filter=resample_filter)
+                enc[f"{tag}_aux_skip"] = Conv2d(in_channels=image_width, out_channels=width, kernel=1, **init)
+            if level and encoder_type == "residual":
+                enc[f"{tag}_aux_residual"] = Conv2d(in_channels=image_width, out_channels=width, kernel=3, down=True,
+                                                    resample_filter=resample_filter, fused_resample=True, **init)
+                image_width = width
+            skip_widths.append(width)
+            for j in range(num_blocks):
+                enc[f"{tag}_block{j}"] = new_block(width, widths[level], attention=attends[level])
+                width = widths[level]
+                skip_widths.append(width)
+
+        coarsest = len(self.tags) - 1
+        for level in range(coarsest, -1, -1):
+            tag = self.tags[level]
+            if level == coarsest:
+                dec[f"{tag}_in0"] = new_block(width, width, attention=True)
+                dec[f"{tag}_in1"] = new_block(width, width)
+            else:
+                dec[f"{tag}_up"] = new_block(width, width, up=True)
+            for j in range(num_blocks + 1):
+                attention = attends[level] and (attend_all_decoder_blocks or j == num_blocks)
+                dec[f"{tag}_block{j}"] = new_block(width + skip_widths.pop(), widths[level], attention=attention)
+                width = widths[level]
+            if self._has_image_head(level):
+                if level != coarsest and decoder_type == "skip":
+                    dec[f"{tag}_aux_up"] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0,
+                                                  up=True, resample_filter=resample_filter)
+                dec[f"{tag}_aux_norm"] = GroupNorm(num_channels=width, eps=1e-6)
+                dec[f"{tag}_aux_conv"] = Conv2d(in_channels=width, out_channels=out_channels, kernel=3, **init_zero)
+        return width
+
+    def _has_image_head(self, level):
+        # NCSN++'s 'skip' decoder emits an image at every level, 'standard' at the finest only; ADM has none.
+        return self.decoder_type == "skip" or (self.decoder_type == "standard" and level == 0)
+
+    def _walk_levels(self, x, emb, emb_step):
+        """Run encoder and decoder; returns the last features and the image head's sum (None without heads)."""
+        enc, dec = self.enc, self.dec
+        image, skips = x, []
+        for level, tag in enumerate(self.tags):
+            x = enc[f"{tag}_down"](x, emb, emb_step) if level else enc[f"{tag}_conv"](x)
+            if level and self.encoder_type == "skip":
+                image = enc[f"{tag}_aux_down"](image)
+                x = x + enc[f"{tag}_aux_skip"](image)
+            if level and self.encoder_type == "residual":
+                x = image = (x + enc[f"{tag}_aux_residual"](image)) / np.sqrt(2)
+            skips.append(x)
+            for j in range(self.num_blocks):
+                x = enc[f"{tag}_block{j}"](x, emb, emb_step)
+                skips.append(x)
+
+        out, coarsest = None, len(self.tags) - 1
+        for level in range(coarsest, -1, -1):
+            tag = self.tags[level]
+            if level == coarsest:
+                x = dec[f"{tag}_in1"](dec[f"{tag}_in0"](x, emb, emb_step), emb, emb_step)
+            else:
+                x = dec[f"{tag}_up"](x, emb, emb_step)
+            for j in range(self.num_blocks + 1):
+                x = dec[f"{tag}_block{j}"](torch.cat([x, skips.pop()], dim=1), emb, emb_step)
+            if self._has_image_head(level):
+                head = dec[f"{tag}_aux_conv"](silu(dec[f"{tag}_aux_norm"](x)))
+                out = head if out is None else head + dec[f"{tag}_aux_up"](out)
+        return x, out
+
+    def _step_layers(self, embedding, in_features, emb_channels, init):
+        """SFD-v: the step condition's own embedding and two-layer mapping (names as in the paper's code)."""
+        self.map_step = embedding
+        self.map_step_layer0 = Linear(in_features=in_features, out_features=emb_channels, **init)
+        self.map_step_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None):
+        emb = self.embed_noise(noise_labels, class_labels, augment_labels)
+        emb_step = None
+        if self.use_step_condition and step_condition is not None:
+            emb_step = self.embed_step(step_condition)
+        return self.head(*self._walk_levels(x, emb, emb_step))
+
+
+class SongUNet(_LevelUNet):
+    """DDPM++ (positional embedding, standard encoder) and NCSN++ (Fourier embedding, residual encoder).
+
+    img_resolution, in_channels, out_channels: image size and channels; label_dim / augment_dim: 0 for none;
+    model_channels * channel_mult[i]: channels of level i; channel_mult_emb, channel_mult_noise: embedding and
+    noise-embedding widths in units of model_channels; num_blocks: blocks per level; attn_resolutions: levels
+    with self-attention; label_dropout: class-label dropout for guidance; embedding_type 'positional' or
+    'fourier'; encoder_type 'standard', 'skip' or 'residual'; decoder_type 'standard' or 'skip';
+    resample_filter: FIR taps of the 2x resampling; use_step_condition: SFD-v step layers.
+    """
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=128,
+                 channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.10,
+                 label_dropout=0, embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
+                 decoder_type="standard", resample_filter=(1, 1), use_step_condition=False):
         _check_choice("embedding_type", embedding_type, ("fourier", "positional"))
         _check_choice("encoder_type", encoder_type, ("standard", "skip", "residual"))
         _check_choice("decoder_type", decoder_type, ("standard", "skip"))
         super().__init__()
-        self.label_dropout = label_dropout
-        self.use_step_condition = use_step_condition
-        emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
+        self.label_dropout, self.use_step_condition = label_dropout, use_step_condition
+        emb_channels, noise_channels = model_channels * channel_mult_emb, model_channels * channel_mult_noise
         init = dict(init_mode="xavier_uniform")
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=math.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
-                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                            init=init, init_zero=init_zero, init_attn=init_attn, use_step_condition=use_step_condition)
 
-        def noise_embedding():
-            if embedding_type == "positional":
-                return PositionalEmbedding(num_channels=noise_channels, endpoint=True)
-            return FourierEmbedding(num_channels=noise_channels)
+        def embedding():
+            if embedding_type == "fourier":
+                return FourierEmbedding(num_channels=noise_channels)
+            return PositionalEmbedding(num_channels=noise_channels, endpoint=True)
 
-        # Mapping.
-        self.map_noise = noise_embedding()
+        self.map_noise = embedding()
         self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init) if augment_dim else None
+        self.map_augment = (Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init)
+                            if augment_dim else None)
         self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
         self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
-        if use_step_condition:  # same embedding type as map_noise (paper's code)
-            self.map_step = noise_embedding()
-            self.map_step_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
-            self.map_step_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        if use_step_condition:  # the same embedding type as the noise label, as in the paper's code
+            self._step_layers(embedding(), noise_channels, emb_channels, init)
 
-        # Encoder.
-        self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin = cout
-                cout = model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(in_channels=caux, out_channels=caux, kernel=0, down=True,
-                                                               resample_filter=resample_filter)
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(in_channels=caux, out_channels=cout, kernel=1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(in_channels=caux, out_channels=cout, kernel=3, down=True,
-                                                                   resample_filter=resample_filter, fused_resample=True, **init)
-                    caux = cout
-            for idx in range(num_blocks):
-                cin = cout
-                cout = model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
-                                                                attention=(res in attn_resolutions), **block_kwargs)
-        skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
-
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout, attention=attn, **block_kwargs)
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=0,
-                                                             up=True, resample_filter=resample_filter)
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+        block_options = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+                             eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                             init=init, init_zero=init_zero, init_attn=dict(init_mode="xavier_uniform",
+                                                                            init_weight=math.sqrt(0.2)),
+                             use_step_condition=use_step_condition)
+        self._build_levels(img_resolution, in_channels, out_channels, model_channels,
+                           [model_channels * m for m in channel_mult], num_blocks, attn_resolutions,
+                           functools.partial(_new_block, block_options), init, init_zero,
+                           attend_all_decoder_blocks=False, resample_filter=resample_filter,
+                           encoder_type=encoder_type, decoder_type=decoder_type)
 
     def embed_noise(self, noise_labels, class_labels=None, augment_labels=None):
         emb = _swap_sin_cos(self.map_noise(noise_labels))
@@ -420,117 +475,41 @@ class SongUNet(RecordedModule):
         emb_step = _swap_sin_cos(self.map_step(step_condition))
         return silu(self.map_step_layer1(silu(self.map_step_layer0(emb_step))))
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None):
-        emb = self.embed_noise(noise_labels, class_labels, augment_labels)
-        emb_step = self.embed_step(step_condition) if self.use_step_condition and step_condition is not None else None
-
-        # Encoder.
-        skips = []
-        aux = x
-        for name, block in self.enc.items():
-            if "aux_down" in name:
-                aux = block(aux)
-            elif "aux_skip" in name:
-                x = skips[-1] = x + block(aux)
-            elif "aux_residual" in name:
-                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
-            else:
-                x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
-                skips.append(x)
-
-        # Decoder.
-        aux = None
-        tmp = None
-        for name, block in self.dec.items():
-            if "aux_up" in name:
-                aux = block(aux)
-            elif "aux_norm" in name:
-                tmp = block(x)
-            elif "aux_conv" in name:
-                tmp = block(silu(tmp))
-                aux = tmp if aux is None else tmp + aux
-            else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb, emb_step)
-        return aux
+    def head(self, features, image):
+        return image
 
 
-# ----------------------------------------------------------------------------
-# ADM (EDM's DhariwalUNet).
+class DhariwalUNet(_LevelUNet):
+    """ADM. Arguments as for SongUNet; attention heads have 64 channels each, and every decoder block of an
+    attention level attends."""
 
-
-class DhariwalUNet(RecordedModule):
-    def __init__(self,
-                 img_resolution,                  # Image resolution at input/output.
-                 in_channels,                     # Number of color channels at input.
-                 out_channels,                    # Number of color channels at output.
-                 label_dim=0,                     # Number of class labels, 0 = unconditional.
-                 augment_dim=0,                   # Augmentation label dimensionality, 0 = no augmentation.
-                 model_channels=192,              # Base multiplier for the number of channels.
-                 channel_mult=(1, 2, 3, 4),       # Per-resolution multipliers for the number of channels.
-                 channel_mult_emb=4,              # Multiplier for the dimensionality of the embedding vector.
-                 num_blocks=3,                    # Number of residual blocks per resolution.
-                 attn_resolutions=(32, 16, 8),    # Resolutions with self-attention.
-                 dropout=0.10,                    # Dropout probability of intermediate activations.
-                 label_dropout=0,                 # Dropout probability of class labels (classifier-free guidance).
-                 use_step_condition=False,        # SFD-v: add the step-condition layers.
-                 ):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, model_channels=192,
+                 channel_mult=(1, 2, 3, 4), channel_mult_emb=4, num_blocks=3, attn_resolutions=(32, 16, 8),
+                 dropout=0.10, label_dropout=0, use_step_condition=False):
         super().__init__()
-        self.label_dropout = label_dropout
-        self.use_step_condition = use_step_condition
+        self.label_dropout, self.use_step_condition = label_dropout, use_step_condition
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero,
-                            use_step_condition=use_step_condition)
 
-        # Mapping.
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_augment = (Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero)
+                            if augment_dim else None)
         self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
         self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
-        self.map_label = Linear(in_features=label_dim, out_features=emb_channels, bias=False, init_mode="kaiming_normal",
-                                init_weight=np.sqrt(label_dim)) if label_dim else None
+        self.map_label = (Linear(in_features=label_dim, out_features=emb_channels, bias=False,
+                                 init_mode="kaiming_normal", init_weight=np.sqrt(label_dim)) if label_dim else None)
         if use_step_condition:
-            self.map_step = PositionalEmbedding(num_channels=model_channels)
-            self.map_step_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
-            self.map_step_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+            self._step_layers(PositionalEmbedding(num_channels=model_channels), model_channels, emb_channels, init)
 
-        # Encoder.
-        self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin = cout
-                cout = model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=cin, out_channels=cout, kernel=3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=cout, out_channels=cout, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                cin = cout
-                cout = model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
-                                                                attention=(res in attn_resolutions), **block_kwargs)
-        skips = [block.out_channels for block in self.enc.values()]
-
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=cout, out_channels=cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=cout, out_channels=cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=cout, out_channels=cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin = cout + skips.pop()
-                cout = model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=cin, out_channels=cout,
-                                                                attention=(res in attn_resolutions), **block_kwargs)
-        self.out_norm = GroupNorm(num_channels=cout)
-        self.out_conv = Conv2d(in_channels=cout, out_channels=out_channels, kernel=3, **init_zero)
+        block_options = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
+                             init_zero=init_zero, use_step_condition=use_step_condition)
+        widths = [model_channels * m for m in channel_mult]
+        width = self._build_levels(img_resolution, in_channels, out_channels, widths[0], widths, num_blocks,
+                                   attn_resolutions, functools.partial(_new_block, block_options), init, init_zero,
+                                   attend_all_decoder_blocks=True)
+        self.out_norm = GroupNorm(num_channels=width)
+        self.out_conv = Conv2d(in_channels=width, out_channels=out_channels, kernel=3, **init_zero)
 
     def embed_noise(self, noise_labels, class_labels=None, augment_labels=None):
         emb = self.map_noise(noise_labels)
@@ -546,19 +525,12 @@ class DhariwalUNet(RecordedModule):
         emb_step = silu(self.map_step_layer0(self.map_step(step_condition)))
         return silu(self.map_step_layer1(emb_step))
 
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None):
-        emb = self.embed_noise(noise_labels, class_labels, augment_labels)
-        emb_step = self.embed_step(step_condition) if self.use_step_condition and step_condition is not None else None
+    def head(self, features, image):
+        return self.out_conv(silu(self.out_norm(features)))
 
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb, emb_step) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb, emb_step)
-        return self.out_conv(silu(self.out_norm(x)))
+
+def _new_block(options, in_channels, out_channels, **kwargs):
+    return UNetBlock(in_channels=in_channels, out_channels=out_channels, **options, **kwargs)
 
 
 def _check_choice(option, value, choices):
