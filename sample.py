@@ -38,29 +38,7 @@ from torch_utils.cli import CommandError
 from training.precision import RunMode, maybe_compile, prepare_module
 from training.sfd_loss import SFDV_NUM_STEPS
 
-SOLVER_OPTION_NAMES = ("max_order", "predict_x0", "lower_order_final", "thresholding")
-
-
-def parse_int_list(text):
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]."""
-    if isinstance(text, list):
-        return text
-    values = []
-    for part in str(text).split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)-(\d+)", part)
-        if m:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise click.BadParameter(f"range {part!r} runs backwards", param_hint="--seeds")
-            values.extend(range(lo, hi + 1))
-        elif re.fullmatch(r"\d+", part):
-            values.append(int(part))
-        else:
-            raise click.BadParameter(f"{part!r} is not a number or a range like 0-99", param_hint="--seeds")
-    if not values:
-        raise click.BadParameter("no seeds given", param_hint="--seeds")
-    return values
+SOLVER_OPTION_NAMES = tuple(solvers.SOLVER_OPTIONS["dpmpp"])  # the solver options sample.py exposes
 
 
 class SeedGenerators:
@@ -183,13 +161,7 @@ def resolve_sampling(loaded, opts):
             schedule_rho=st["schedule_rho"], sigma_min=st["sigma_min"], sigma_max=st["sigma_max"],
             step_condition=step_condition, options={}, guidance_rate=st.get("guidance_rate"), denoise_to_zero=False)
     solver = opts.solver or "euler"
-    options = {k: opts[k] for k in SOLVER_OPTION_NAMES if opts[k] is not None}
-    if solver != "dpmpp":
-        options.pop("predict_x0", None)
-        options.pop("lower_order_final", None)
-        options.pop("thresholding", None)
-    if solver not in ("dpmpp", "ipndm"):
-        options.pop("max_order", None)
+    options = {k: opts[k] for k in solvers.SOLVER_OPTIONS[solver] if k in SOLVER_OPTION_NAMES and opts[k] is not None}
     return dnnlib.EasyDict(
         solver=solver, num_steps=opts.num_steps or 18, afs=bool(opts.afs), schedule_type=opts.schedule_type or
         "polynomial", schedule_rho=opts.schedule_rho if opts.schedule_rho is not None else 7.0,
@@ -230,7 +202,7 @@ def _optional_bool(name, text, default=None):
 @click.option("--exps_dir", help="Where experiment numbers are looked up", metavar="DIR", default="./exps",
               show_default=True)
 @click.option("--seeds", help="Seeds, e.g. 0-49999 or 1,2,5-10 (one image per seed)", metavar="LIST",
-              type=parse_int_list, default="0-63", show_default=True)
+              type=cli.parse_int_list, default="0-63", show_default=True)
 @click.option("--batch", "max_batch_size", help="Maximum batch per process", metavar="INT",
               type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--num_steps", help="Time points; only for SFD-v models and pre-trained sampling  [default: the "
@@ -252,7 +224,7 @@ def _optional_bool(name, text, default=None):
 @_optional_bool("--denoise_to_zero", "Pre-trained models only: one last network call from sigma_min to 0 (EDM's "
                 "Heun 35 NFE = --num_steps 18 with this)  [default: False]", False)
 @click.option("--schedule_type", help="Pre-trained models only: time schedule",
-              type=click.Choice(["polynomial", "logsnr", "time_uniform", "discrete"]))
+              type=click.Choice(solvers.SCHEDULE_TYPES))
 @click.option("--schedule_rho", help="Pre-trained models only: schedule exponent", metavar="FLOAT", type=float)
 @click.option("--sigma_min", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
 @click.option("--sigma_max", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)

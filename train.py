@@ -29,13 +29,11 @@ import click
 import torch
 
 import dnnlib
+import solvers
 from torch_utils import cli
 from torch_utils.cli import CommandError
 from torch_utils import distributed as dist
-
-SOLVER_NAMES = ["dpm", "dpmpp", "euler", "ipndm", "heun"]
-SCHEDULES = ["polynomial", "logsnr", "time_uniform", "discrete"]
-
+from training.sfd_loss import SFDV_NUM_STEPS
 
 def _dataset_names():
     from models import BACKBONES
@@ -50,8 +48,8 @@ def schedule_tag(schedule_type, schedule_rho):
 
 
 def distilled_nfe(num_steps, afs, guidance_type=None):
-    nfe = num_steps - 2 if afs else num_steps - 1
-    return 2 * nfe if guidance_type == "cfg" else nfe
+    """The student's network calls: Euler over num_steps points, doubled by classifier-free guidance."""
+    return solvers.nfe_of("euler", num_steps, afs) * (2 if guidance_type == "cfg" else 1)
 
 
 def run_name(opts):
@@ -97,10 +95,8 @@ def check_options(opts, world_size):
                                  "use --num_steps >= 3 or --afs=False", param_hint="--num_steps")
     if opts.is_second_stage and opts.afs and opts.num_steps < 3:
         raise click.BadParameter("the second stage needs num_steps >= 3 with AFS (1 NFE)", param_hint="--num_steps")
-    from solvers import ORDER_RANGE
-
-    if opts.max_order is not None and opts.sampler_tea in ORDER_RANGE:
-        lo, hi = ORDER_RANGE[opts.sampler_tea]
+    if opts.max_order is not None and opts.sampler_tea in solvers.ORDER_RANGE:
+        lo, hi = solvers.ORDER_RANGE[opts.sampler_tea]
         if not lo <= opts.max_order <= hi:
             raise click.BadParameter(f"{opts.max_order} is out of range for --sampler_tea={opts.sampler_tea} "
                                      f"(allowed {lo}..{hi})", param_hint="--max_order")
@@ -163,7 +159,7 @@ def _bool(name, default, text):
 @click.option("--M", "M", help="Teacher points inserted between neighbouring student points", metavar="INT",
               type=click.IntRange(min=0), default=3, show_default=True)
 @_bool("--afs", True, "Analytical first step: the student's first step calls no network")
-@click.option("--sampler_tea", help="Teacher solver", type=click.Choice(SOLVER_NAMES), default="dpmpp",
+@click.option("--sampler_tea", help="Teacher solver", type=click.Choice(sorted(solvers.SOLVERS)), default="dpmpp",
               show_default=True)
 @click.option("--max_order", help="Order of multistep teachers: 1..4 for ipndm, 1..3 for dpmpp  [default: 4 / 3]",
               metavar="INT", type=int, default=None)
@@ -172,11 +168,12 @@ def _bool(name, default, text):
 @_bool("--thresholding", False, "DPM-Solver++ teacher: dynamic thresholding of its data predictions. Off, as the "
        "paper's GPU runs effectively had it (their fp16 teacher made torch.quantile fail and the paper's code then "
        "skipped it); True applies it, as the paper's code does in fp32")
-@click.option("--schedule_type", help="Time discretisation", type=click.Choice(SCHEDULES), default="polynomial",
+@click.option("--schedule_type", help="Time discretisation", type=click.Choice(solvers.SCHEDULE_TYPES), default="polynomial",
               show_default=True)
 @click.option("--schedule_rho", help="Time step exponent (polynomial, time_uniform, discrete)", metavar="FLOAT",
               type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True)
-@_bool("--use_step_condition", False, "SFD-v: one model for num_steps 4..7 via a step-condition embedding")
+@_bool("--use_step_condition", False, "SFD-v: one model for num_steps {}..{} via a step-condition embedding".format(
+    *SFDV_NUM_STEPS))
 @_bool("--is_second_stage", False, "Second stage: distil a first-stage snapshot (--model_path) to 1 NFE")
 @click.option("--model_path", help="Second stage: a first-stage snapshot. First stage: any EDM-format .pkl, or with "
               "an LDM/SD --dataset_name its CompVis checkpoint or diffusers folder",

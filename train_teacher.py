@@ -17,6 +17,7 @@ import torch
 
 import dnnlib
 from models import EDMPrecond
+from torch_utils import cli
 from torch_utils.persistence import save_edm_pickle
 from training.dataset import DatasetError, load_image_dataset
 from training.edm_loss import EDMLoss
@@ -27,12 +28,9 @@ OPTIONS_FILE = "training_options.json"
 FIXED_ON_RESUME = ("data", "cbase", "cmult", "num_blocks", "attn_res", "dropout", "xflip", "sigma_data", "seed")
 
 
-def parse_int_list(text, option):
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
-    if not values or min(values) < 1:
+def positive_ints(text, option):
+    values = cli.parse_int_list(text, option)
+    if min(values) < 1:
         raise click.BadParameter(f"{text!r}: give positive integers, e.g. 1,2,4", param_hint=option)
     return values
 
@@ -78,12 +76,6 @@ class Batches:
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
         self.order, self.pos = state["order"], int(state["pos"])
-
-
-def fmt_time(seconds):
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 @click.command()
@@ -140,8 +132,8 @@ def main(**kwargs):
         --total_kimg=400 --resume
     """
     opts = dnnlib.EasyDict(kwargs)
-    opts.cmult = parse_int_list(opts.cmult, "--cmult")
-    opts.attn_res = parse_int_list(opts.attn_res, "--attn_res") if opts.attn_res.strip() else []
+    opts.cmult = positive_ints(opts.cmult, "--cmult")
+    opts.attn_res = positive_ints(opts.attn_res, "--attn_res") if opts.attn_res.strip() else []
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     device = torch.device(opts.device)
@@ -241,14 +233,14 @@ def main(**kwargs):
         if done or cur_nimg >= tick_start_nimg + opts.tick_kimg * 1000:
             sec_per_kimg = (now - tick_start_time) / max((cur_nimg - tick_start_nimg) / 1000, 1e-8)
             print(f"kimg {cur_nimg / 1000:8.1f}  loss {np.mean(tick_losses):.4f}  sec/kimg {sec_per_kimg:6.1f}  "
-                  f"elapsed {fmt_time(now - start)}  lr {optimizer.param_groups[0]['lr']:.2e}", flush=True)
+                  f"elapsed {cli.format_time(now - start)}  lr {optimizer.param_groups[0]['lr']:.2e}", flush=True)
             tick_start_nimg, tick_start_time, tick_losses = cur_nimg, now, []
         if done or now - last_snap >= opts.snap_minutes * 60:
             checkpoint()
             last_snap = now
         if done:
             break
-    print(f"Done at {cur_nimg / 1000:.1f} kimg after {fmt_time(time.time() - start)} in this process.", flush=True)
+    print(f"Done at {cur_nimg / 1000:.1f} kimg after {cli.format_time(time.time() - start)} in this process.", flush=True)
 
 
 if __name__ == "__main__":

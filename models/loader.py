@@ -17,6 +17,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+from training.sfd_loss import SFDV_NUM_STEPS
 
 from .edm import load_state_strict
 from .registry import BACKBONES, get_backbone
@@ -218,7 +219,7 @@ def _build_paper_snapshot(record, path):
     settings.update(sigma_min=float(kwargs.get("sigma_min", row.sigma_min)),
                     sigma_max=float(kwargs.get("sigma_max", row.sigma_max)), use_step_condition=use_step_condition)
     if use_step_condition and not kwargs.get("is_second_stage"):
-        settings["step_condition_range"] = [4, 7]
+        settings["step_condition_range"] = list(SFDV_NUM_STEPS)
     return net, settings
 
 

@@ -31,7 +31,7 @@ SOLVER_OPTIONS = {
 }
 
 # Allowed max_order of the multistep solvers (what check_order enforces inside them).
-ORDER_RANGE = {"ipndm": (1, 4), "dpmpp": (1, 3)}
+ORDER_RANGE = {"ipndm": ipndm.ORDER_RANGE, "dpmpp": dpm_solver_pp.ORDER_RANGE}
 
 _NFE_PER_STEP = {
     "euler": euler.NFE_PER_STEP,

@@ -22,6 +22,7 @@ import torch
 from .sampling import check_order, sample
 
 NFE_PER_STEP = 1
+ORDER_RANGE = (1, 3)  # allowed max_order
 
 # Imagen's dynamic thresholding percentile (Saharia et al. 2022, §2.3), as in the paper's code.
 THRESHOLD_QUANTILE = 0.995
@@ -94,7 +95,7 @@ def dpm_pp_sampler(net, latents, class_labels=None, condition=None, unconditiona
     prediction; lower_order_final: drop the order over the last steps; thresholding: pass each data prediction
     through dynamic thresholding, as the paper's code always does (turn it off for data that sits at ±1, e.g.
     black backgrounds, where it shrinks every value). Other arguments: `solvers.sampling.sample`."""
-    max_order = check_order("max_order", max_order, 1, 3, "dpm_pp_sampler")
+    max_order = check_order("max_order", max_order, *ORDER_RANGE, "dpm_pp_sampler")
     rule = functools.partial(dpm_pp_rule, max_order=max_order, predict_x0=bool(predict_x0),
                              lower_order_final=bool(lower_order_final), thresholding=bool(thresholding))
     return sample(rule, net, latents, class_labels, condition, unconditional_condition, num_steps, sigma_min,

@@ -15,6 +15,7 @@ import functools
 from .sampling import check_order, sample
 
 NFE_PER_STEP = 1
+ORDER_RANGE = (1, 4)  # allowed max_order
 
 # Adams–Bashforth weights for the newest slope first, and their common denominator.
 ADAMS_BASHFORTH = {
@@ -37,7 +38,7 @@ def ipndm_sampler(net, latents, class_labels=None, condition=None, unconditional
                   sigma_min=0.002, sigma_max=80, schedule_type="polynomial", schedule_rho=7, afs=False,
                   denoise_to_zero=False, return_inters=False, step_condition=None, t_steps=None, max_order=4):
     """iPNDM sampler of order up to max_order (1..4); the other arguments are those of `solvers.sampling.sample`."""
-    max_order = check_order("max_order", max_order, 1, 4, "ipndm_sampler")
+    max_order = check_order("max_order", max_order, *ORDER_RANGE, "ipndm_sampler")
     return sample(functools.partial(ipndm_rule, max_order=max_order), net, latents, class_labels, condition,
                   unconditional_condition, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, afs,
                   denoise_to_zero, return_inters, step_condition, t_steps)

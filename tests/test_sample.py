@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import sample
 from models import save_snapshot
 from tests.conftest import ROOT, build_tiny_edm
+from torch_utils import cli
 
 SETTINGS = dict(dataset_name="tiny", model_source="edm", num_steps=4, M=3, afs=True, schedule_type="polynomial",
                 schedule_rho=7.0, sigma_min=0.006, sigma_max=80.0, use_step_condition=False, sampler_tea="dpmpp",
@@ -61,9 +62,9 @@ def digests(folder):
     ("1,,2", "'' is not a number or a range like 0-99"),
 ])
 def test_parse_int_list(bad, message):
-    assert sample.parse_int_list("1,2,5-8") == [1, 2, 5, 6, 7, 8]
+    assert cli.parse_int_list("1,2,5-8") == [1, 2, 5, 6, 7, 8]
     with pytest.raises(click.BadParameter) as info:
-        sample.parse_int_list(bad)
+        cli.parse_int_list(bad)
     assert info.value.message == message
     r = run_sample("--seeds", bad)  # the command line: a usage error (exit code 2) on one line, nothing sampled
     assert r.exit_code == 2, r.output

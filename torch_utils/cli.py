@@ -1,6 +1,7 @@
 """What every command-line script shares: one-line errors with exit code 2, printed once under torchrun."""
 
 import os
+import re
 import signal
 import sys
 import time
@@ -9,6 +10,35 @@ import click
 
 
 OWN_ERROR_DELAY = 5.0  # seconds: see run()
+
+
+def parse_int_list(text, option="--seeds"):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]; anything else is a one-line error naming `option`."""
+    if isinstance(text, list):
+        return text
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        bounds = re.fullmatch(r"(\d+)-(\d+)", part)
+        if bounds:
+            lo, hi = int(bounds.group(1)), int(bounds.group(2))
+            if hi < lo:
+                raise click.BadParameter(f"range {part!r} runs backwards", param_hint=option)
+            values.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"\d+", part):
+            values.append(int(part))
+        else:
+            raise click.BadParameter(f"{part!r} is not a number or a range like 0-99", param_hint=option)
+    if not values:
+        raise click.BadParameter("no values given", param_hint=option)
+    return values
+
+
+def format_time(seconds):
+    """12s, 3m04s or 1h02m03s."""
+    m, s = divmod(int(max(seconds, 0)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 class CommandError(click.ClickException):
@@ -46,7 +76,8 @@ def run(command, args=None):
     except click.ClickException as e:
         rank = int(os.environ.get("RANK", "0"))
         if rank != 0 or isinstance(e, PeerFailed):
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(e.exit_code))
+            code = e.exit_code
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
             time.sleep(2 * OWN_ERROR_DELAY if isinstance(e, PeerFailed) else OWN_ERROR_DELAY)
         e.show()
         sys.exit(e.exit_code)

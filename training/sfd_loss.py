@@ -41,8 +41,8 @@ class TeacherConfig:
     sigma_min: float = 0.006
     sigma_max: float = 80.0
     afs: bool = False  # first stage: off; second stage: the first-stage model's own setting
-    step_condition: object = None  # second stage from an SFD-v model: 'num_steps_teacher'
-    solver_options: dict = None  # max_order / predict_x0 / lower_order_final
+    conditioned: bool = False  # second stage from an SFD-v model: its step condition is the teacher's num_steps
+    solver_options: dict = None  # the solver's own options (solvers.SOLVER_OPTIONS)
 
 
 @torch.no_grad()
@@ -50,13 +50,12 @@ def teacher_trajectory(teacher, latents, schedule, cfg, class_labels=None, condi
                        unconditional_condition=None):
     """Teacher points at the student's t_1 … t_{N-1}: [N-1, B, C, H, W]. `latents` are unit Gaussian."""
     sampler = solvers.SOLVERS[cfg.solver]
-    step_condition = schedule.num_steps_teacher if cfg.step_condition == "num_steps_teacher" else cfg.step_condition
     traj = sampler(
         teacher, latents, class_labels=class_labels, condition=condition,
         unconditional_condition=unconditional_condition, num_steps=schedule.num_steps_teacher,
         sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max, schedule_type=cfg.schedule_type,
         schedule_rho=cfg.schedule_rho, afs=cfg.afs, denoise_to_zero=False, return_inters=True,
-        step_condition=step_condition, **(cfg.solver_options or {}),
+        step_condition=schedule.num_steps_teacher if cfg.conditioned else None, **(cfg.solver_options or {}),
     )
     # Integer indexing only: a list index would be copied to the device, a host-device sync on CUDA.
     return torch.stack([traj[k] for k in schedule.teacher_index])

@@ -17,7 +17,9 @@ import torch
 
 import dnnlib
 
+import solvers
 from models import load_network, save_snapshot
+from torch_utils import cli
 from torch_utils import distributed as dist
 from training import sfd_loss
 from training.sfd_loss import SFDV_NUM_STEPS
@@ -42,13 +44,10 @@ def make_optimizer(params, lr):
 
 
 def solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresholding=True):
-    """Options that the chosen teacher solver takes (None max_order = the solver's own default)."""
-    opts = {}
-    if sampler_tea in ("ipndm", "dpmpp") and max_order is not None:
-        opts["max_order"] = max_order
-    if sampler_tea == "dpmpp":
-        opts.update(predict_x0=predict_x0, lower_order_final=lower_order_final, thresholding=thresholding)
-    return opts
+    """The options that the teacher solver takes, from those given (None: the solver's own default)."""
+    given = dict(max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
+                 thresholding=thresholding)
+    return {k: v for k, v in given.items() if k in solvers.SOLVER_OPTIONS[sampler_tea] and v is not None}
 
 
 def resolve_guidance(net, guidance_type, dataset_name):
@@ -64,13 +63,6 @@ def _peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _format_time(seconds):
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def load_teacher(dataset_name, model_path, is_second_stage, use_step_condition, sampler_tea, max_order, predict_x0,
@@ -89,7 +81,7 @@ def load_teacher(dataset_name, model_path, is_second_stage, use_step_condition, 
         teacher_cfg = sfd_loss.TeacherConfig(
             solver="euler", schedule_type=first["schedule_type"], schedule_rho=first["schedule_rho"],
             sigma_min=first["sigma_min"], sigma_max=first["sigma_max"], afs=bool(first["afs"]),
-            step_condition="num_steps_teacher" if use_step_condition else None, solver_options={},
+            conditioned=use_step_condition, solver_options={},
         )
     else:
         loaded = load_network(dataset_name=dataset_name, model_path=model_path, device=device,
@@ -97,7 +89,6 @@ def load_teacher(dataset_name, model_path, is_second_stage, use_step_condition, 
         teacher_cfg = sfd_loss.TeacherConfig(
             solver=sampler_tea, schedule_type=schedule_type, schedule_rho=schedule_rho,
             sigma_min=loaded.settings["sigma_min"], sigma_max=loaded.settings["sigma_max"], afs=False,
-            step_condition=None,
             solver_options=solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresholding),
         )
     guidance_type = resolve_guidance(loaded.net, guidance_type, loaded.dataset_name)
@@ -311,7 +302,7 @@ def training_loop(
                      loss={f"step{i}": v for i, (v, n) in enumerate(zip(per_step, seen)) if n > 0})
         loss_text = " ".join(f"{v:.4f}" for v, n in zip(per_step, seen) if n > 0)
         line = (f"tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} loss/step [{loss_text}] sec/kimg "
-                f"{sec_per_kimg:<7.2f} mem {stats['peak_mem_gb']:.2f}GB eta {_format_time(eta)}")
+                f"{sec_per_kimg:<7.2f} mem {stats['peak_mem_gb']:.2f}GB eta {cli.format_time(eta)}")
         if bar is not None:
             bar.write(line)
             bar.set_postfix_str(f"loss {sum(per_step) / max(1, sum(n > 0 for n in seen)):.4f}")
@@ -349,7 +340,7 @@ def training_loop(
 
     if bar is not None:
         bar.close()
-    dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {_format_time(time.time() - start_time)}.")
+    dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {cli.format_time(time.time() - start_time)}.")
     return dnnlib.EasyDict(net=net, teacher=teacher, settings=settings, run_dir=run_dir, kimg=cur_nimg / 1000)
 
 
