@@ -1,4 +1,4 @@
-"""Pick the built-in teacher's snapshot by FID: score every EMA snapshot of a train_teacher.py run.
+"""Pick the built-in teacher's snapshot by FID: score every EMA snapshot of a experiments/train_teacher.py run.
 
 Each snapshot samples the same seeds with DPM-Solver++(3M) at 20 NFE without thresholding (within ~1 gray level
 of its converged ODE, at a fraction of Heun's cost) and is scored by data-FID against the training set, with every
@@ -32,7 +32,7 @@ SOLVER, NFE = "dpmpp", 20
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, help="train_teacher.py output folder (network-snapshot-*.pkl)")
+@click.option("--run", "run_dir", required=True, help="experiments/train_teacher.py output folder (network-snapshot-*.pkl)")
 @click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Score every this-many-th snapshot (the last one always)")
 @click.option("--kimgs", default=None, help="Only these snapshots, e.g. 40,74,144,217  [default: all]")

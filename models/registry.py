@@ -100,14 +100,14 @@ BACKBONES.update((row.dataset_name, row) for row in (
 ))
 
 
-# The built-in teacher shipped with the code (train_teacher.py on Fashion-MNIST; see assets/README.md): the
+# The built-in teacher shipped with the code (experiments/train_teacher.py on Fashion-MNIST; see assets/README.md): the
 # offline quickstart and the reproducible table run on it.
 BACKBONES["fmnist"] = Backbone(
     dataset_name="fmnist", family="edm", file_name="fmnist-teacher.pkl", path="assets/fmnist-teacher.pkl",
     resolution=32, channels=1, label_dim=0, sigma_min=0.006, sigma_max=80.0,
     network_kwargs=dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2, 4], num_blocks=2,
                         attn_resolutions=[8], dropout=0.0, augment_dim=0),
-    description="built-in DDPM++-style teacher, Fashion-MNIST 32x32 grayscale, unconditional (train_teacher.py)")
+    description="built-in DDPM++-style teacher, Fashion-MNIST 32x32 grayscale, unconditional (experiments/train_teacher.py)")
 
 
 def register_backbone(row):

@@ -19,7 +19,7 @@ TEACHER = os.path.join(ASSETS, "fmnist-teacher.pkl")
 DETECTOR = os.path.join(ASSETS, "fmnist-detector.pt")
 REF = os.path.join(ASSETS, "fmnist-train-ref.npz")
 
-# The architecture train_teacher.py builds by default (what the registry row must say).
+# The architecture experiments/train_teacher.py builds by default (what the registry row must say).
 TEACHER_KWARGS = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2, 4], num_blocks=2,
                       attn_resolutions=[8], dropout=0.0, augment_dim=0)
 
@@ -72,7 +72,7 @@ def test_detector_names_only_ops_older_torch_has(detector):
 
 
 def test_train_detector_exports_only_those_ops():
-    import train_detector
+    from experiments import train_detector
 
     scripted = torch.jit.script(train_detector.PooledTrunk(train_detector.FMNISTClassifier()).eval())
     named = set(re.findall(r"aten::(\w+)", str(scripted.inlined_graph)))
@@ -187,7 +187,7 @@ def test_train_teacher_resumes_exactly(tmp_path):
     """Killed half-way and resumed, a run ends with the same EMA weights as a straight run."""
     from click.testing import CliRunner
 
-    import train_teacher
+    from experiments import train_teacher
     from tests.test_dataset_tool import make_source, run_tool
 
     make_source(tmp_path / "idx", num_train=40)

@@ -10,16 +10,21 @@ integer attribute `in_channels = 1` tells metrics.detectors not to repeat graysc
 """
 
 import os
+import sys
 import time
 
-import click
-import numpy as np
-import torch
-import torch.nn.functional as F
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # run as a script from anywhere
 
-import dataset_tool
-import dnnlib
-from metrics.frechet import FeatureStats, save_ref
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import dataset_tool  # noqa: E402
+import dnnlib  # noqa: E402
+from metrics.frechet import FeatureStats, save_ref  # noqa: E402
 
 DETECTOR_FILE = "fmnist-detector.pt"
 REF_FILE = "fmnist-train-ref.npz"
@@ -179,7 +184,7 @@ def main(outdir, source, feature_layer, pool_from, epochs, shift, batch, lr, see
     \b
     # assets/fmnist-detector.pt (TorchScript) and assets/fmnist-train-ref.npz (mu/sigma of the features of
     # the 60k training images); idx files from the Debian package dataset-fashion-mnist or ./src/fmnist/
-    python train_detector.py --outdir=assets --threads=1
+    python experiments/train_detector.py --outdir=assets --threads=1
 
     \b
     # FID of generated images against the training set, offline

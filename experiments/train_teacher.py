@@ -9,18 +9,23 @@ an EDM-format pickle (float32, key 'ema') that `models.load_network(model_path=.
 
 import json
 import os
+import sys
 import time
 
-import click
-import numpy as np
-import torch
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # run as a script from anywhere
 
-import dnnlib
-from models import EDMPrecond
-from torch_utils import cli
-from torch_utils.persistence import save_edm_pickle
-from training.dataset import DatasetError, load_image_dataset
-from training.edm_loss import EDMLoss
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import dnnlib  # noqa: E402
+from models import EDMPrecond  # noqa: E402
+from torch_utils import cli  # noqa: E402
+from torch_utils.persistence import save_edm_pickle  # noqa: E402
+from training.dataset import DatasetError, load_image_dataset  # noqa: E402
+from training.edm_loss import EDMLoss  # noqa: E402
 
 STATE_FILE = "training-state.pt"
 OPTIONS_FILE = "training_options.json"
@@ -122,13 +127,13 @@ def main(**kwargs):
     \b
     # The built-in Fashion-MNIST teacher (assets/fmnist-teacher.pkl, see assets/README.md), on one CPU core
     python dataset_tool.py fmnist --dest=datasets/fmnist-32x32.zip
-    OMP_NUM_THREADS=1 python train_teacher.py --data=datasets/fmnist-32x32.zip --outdir=teacher-runs/fmnist \\
+    OMP_NUM_THREADS=1 python experiments/train_teacher.py --data=datasets/fmnist-32x32.zip --outdir=teacher-runs/fmnist \\
         --total_kimg=240 --max_minutes=75
     cp "$(ls teacher-runs/fmnist/network-snapshot-*.pkl | tail -1)" assets/fmnist-teacher.pkl
 
     \b
     # Continue after the run was killed, or train longer (same data and network options)
-    OMP_NUM_THREADS=1 python train_teacher.py --data=datasets/fmnist-32x32.zip --outdir=teacher-runs/fmnist \\
+    OMP_NUM_THREADS=1 python experiments/train_teacher.py --data=datasets/fmnist-32x32.zip --outdir=teacher-runs/fmnist \\
         --total_kimg=400 --resume
     """
     opts = dnnlib.EasyDict(kwargs)
