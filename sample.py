@@ -35,7 +35,7 @@ import solvers
 from torch_utils import distributed as dist
 from torch_utils import cli
 from torch_utils.cli import CommandError
-from training.precision import RunMode, maybe_compile, prepare_module
+from training.precision import PRECISIONS, RunMode, maybe_compile, prepare_module
 from training.sfd_loss import SFDV_NUM_STEPS
 
 SOLVER_OPTION_NAMES = tuple(solvers.SOLVER_OPTIONS["dpmpp"])  # the solver options sample.py exposes
@@ -233,7 +233,7 @@ def _optional_bool(name, text, default=None):
 @click.option("--fid_ref", help="Compute FID in-process against these statistics (NPZ or URL)", metavar="NPZ")
 @click.option("--detector", help="Feature network for --fid_ref  [default: NVIDIA Inception-v3]", metavar="PATH")
 @click.option("--precision", help="fp32 (as the paper samples), fp16 (EDM's use_fp16) or bf16 (autocast); mixed "
-              "precision applies on CUDA only", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              "precision applies on CUDA only", type=click.Choice(PRECISIONS), default="fp32",
               show_default=True)
 @_optional_bool("--channels_last", "Channels-last memory format  [default: False]", False)
 @_optional_bool("--compile", "torch.compile the network (fixed batch shapes compile once)  [default: False]", False)

@@ -33,6 +33,7 @@ import solvers
 from torch_utils import cli
 from torch_utils.cli import CommandError
 from torch_utils import distributed as dist
+from training.precision import PRECISIONS
 from training.sfd_loss import SFDV_NUM_STEPS
 
 def _dataset_names():
@@ -183,9 +184,9 @@ def _bool(name, default, text):
 @click.option("--guidance_rate", help="Classifier-free guidance weight used when sampling", metavar="FLOAT",
               type=float, default=0.0, show_default=True)
 @_bool("--lpips", True, "Second stage, EDM backbones: add the LPIPS term on the last step (needs piq + weights)")
-@_bool("--fp16", True, "Mixed precision on CUDA (falls back to fp32 if the loss turns NaN); ignored on CPU")
-@click.option("--precision", help="Override --fp16: fp16 (EDM's use_fp16, as the paper), bf16 (autocast) or fp32",
-              type=click.Choice(["fp16", "bf16", "fp32"]), default=None)
+@click.option("--precision", help="fp16 (EDM's use_fp16, as the paper), bf16 (autocast) or fp32; mixed precision "
+              "runs on CUDA only and falls back to fp32 if the loss turns NaN", type=click.Choice(PRECISIONS),
+              default="fp16", show_default=True)
 @_bool("--channels_last", False, "Run the networks in channels-last memory format")
 @_bool("--compile", False, "torch.compile the teacher and student calls (fixed shapes; first iteration compiles)")
 @click.option("--teacher_batch", help="Teacher trajectories per call; > --batch-gpu groups accumulation "
@@ -237,7 +238,7 @@ def main(**kwargs):
         opts.seed = int(seed)
 
     desc = run_name(opts)
-    precision = opts.precision or ("fp16" if opts.fp16 else "fp32")
+    precision = opts.precision
     if device.type != "cuda":
         precision = "fp32"  # mixed precision applies on CUDA only; the options file says what runs
 
@@ -250,7 +251,7 @@ def main(**kwargs):
         schedule_rho=opts.schedule_rho, guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate,
         batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, lr=opts.lr, seed=opts.seed,
         kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, lpips=opts.lpips,
-        fp16=precision == "fp16", precision=precision, channels_last=opts.channels_last, compile=opts.compile,
+        precision=precision, channels_last=opts.channels_last, compile=opts.compile,
         teacher_batch=opts.teacher_batch, cudnn_benchmark=opts.bench, world_size=dist.get_world_size(), device=str(device),
     )
     run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc)

@@ -10,7 +10,7 @@ Examples:
 
 \b
 python benchmarks/bench_sample.py --batch=256 --batches=20
-python benchmarks/bench_sample.py --batch=256 --fp16 --png=off
+python benchmarks/bench_sample.py --batch=256 --precision=fp16 --png=off
 python benchmarks/bench_sample.py --batch=256 --precision=bf16 --channels_last --compile=reduce-overhead --png=off
 python benchmarks/bench_sample.py --tiny --device=cpu --batch=4 --batches=2 --warmup=1
 """
@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+from training.precision import PRECISIONS  # noqa: E402
 
 PNG_THREADS = 4  # sample.py's pool
 
@@ -79,17 +80,15 @@ def latents_seconds(net, device, batch, num_batches):
     return (time.perf_counter() - start) / num_batches
 
 
-def measure(*, tiny, batch, batches, warmup, num_steps, afs, png, fp16, cudnn_benchmark, device, precision=None,
+def measure(*, tiny, batch, batches, warmup, num_steps, afs, png, cudnn_benchmark, device, precision="fp32",
             channels_last=False, compile=None):
-    """`precision`/`channels_last`/`compile` are sample.py's switches (`fp16` is precision='fp16')."""
+    """`precision`/`channels_last`/`compile` are sample.py's switches."""
     import solvers
     from training.precision import RunMode, maybe_compile, prepare_module
 
     torch.backends.cudnn.benchmark = cudnn_benchmark
     net = common.build_edm(tiny).to(device)
-    precision = precision or ("fp16" if fp16 else "fp32")
     run_mode = RunMode(precision, device, [net])
-    fp16 = run_mode.precision == "fp16"
     cfg = sampling_config(net, num_steps, afs)
     nfe = solvers.nfe_of("euler", num_steps, afs)
     x = torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -98,7 +97,7 @@ def measure(*, tiny, batch, batches, warmup, num_steps, afs, png, fp16, cudnn_be
     result = dict(bench="sample", env=common.environment(device),
                   settings=dict(network="tiny" if tiny else "cifar10", params=common.num_params(net), batch=batch,
                                 batches=batches, warmup_batches=warmup, solver="euler", num_steps=num_steps, afs=afs,
-                                nfe=nfe, fp16=fp16, precision=run_mode.precision, channels_last=channels_last,
+                                nfe=nfe, precision=run_mode.precision, channels_last=channels_last,
                                 compile=compile or False, cudnn_benchmark=cudnn_benchmark, png_threads=PNG_THREADS))
     prepare_module(net, channels_last=channels_last)
     net_fn = maybe_compile(net, compile)
@@ -142,9 +141,8 @@ def measure(*, tiny, batch, batches, warmup, num_steps, afs, png, fp16, cudnn_be
 @click.option("--afs/--no-afs", default=True, show_default=True, help="Analytical first step")
 @click.option("--png", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
               help="Measure with PNG writing on, off, or both")
-@click.option("--fp16", is_flag=True, help="Run the U-Net in fp16 (EDM's use_fp16; sampling is fp32 by default)")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="sample.py's --precision (mixed precision on CUDA only)  [default: fp16 with --fp16, else fp32]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="sample.py's --precision (mixed precision on CUDA only)")
 @click.option("--channels_last", is_flag=True, help="sample.py's --channels_last")
 @click.option("--compile", default=None, metavar="MODE",
               help="torch.compile the network: default, reduce-overhead (CUDA graphs), max-autotune, or a backend")

@@ -19,7 +19,7 @@ python benchmarks/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=2
 
 \b
 # fp32, and SFD-v (step layers, num_steps drawn from 4..7 each iteration)
-python benchmarks/bench_train.py --no-fp16
+python benchmarks/bench_train.py --precision=fp32
 python benchmarks/bench_train.py --use_step_condition
 
 \b
@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+from training.precision import PRECISIONS  # noqa: E402
 
 
 class LoopProbe:
@@ -158,7 +159,7 @@ def read_ticks(run_dir):
 
 
 def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M, afs, sampler_tea, max_order,
-            fp16, device, seed=0, loop_kwargs=None):
+            precision, device, seed=0, loop_kwargs=None):
     """Run the loop and return the result dict (see the module docstring)."""
     from torch_utils.persistence import save_edm_pickle
     from training.training_loop import training_loop
@@ -190,7 +191,7 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
                 max_order=max_order, batch_size=batch,
                 total_kimg=(total_nimg - 0.5) / 1000,       # ends exactly after the last iteration
                 kimg_per_tick=(batch - 0.5) / 1000,         # one tick (stats line) per iteration
-                seed=seed, fp16=fp16, lpips=False, cache_root=os.path.join(tmp, "src"), device=device,
+                seed=seed, precision=precision, lpips=False, cache_root=os.path.join(tmp, "src"), device=device,
                 progress=False, **(loop_kwargs or {}))
         ticks = read_ticks(run_dir)
     if len(ticks) != warmup_iters + measured_iters:
@@ -217,7 +218,7 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
         bench="train", env=common.environment(device),
         settings=dict(network="tiny" if tiny else "cifar10", params=params, use_step_condition=use_step_condition,
                       batch=batch, num_steps=num_steps, M=M, afs=afs, sampler_tea=sampler_tea, max_order=max_order,
-                      fp16=fp16, mixed_precision=bool(measured[-1].get("fp16")),
+                      precision=precision, mixed_precision=bool(measured[-1].get("mixed_precision")),
                       warmup_kimg=warmup_iters * batch / 1000, measured_kimg=measured_kimg, **(loop_kwargs or {})),
         s_per_kimg=s_per_kimg, trajectories_per_s=1000 / s_per_kimg, tflops=tflops,
         flops_per_forward=flops_fwd, teacher_forwards_per_traj=teacher_calls,
@@ -252,8 +253,8 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
 @click.option("--afs/--no-afs", default=True, show_default=True, help="Analytical first step")
 @click.option("--sampler_tea", default="dpmpp", show_default=True, help="Teacher solver")
 @click.option("--max_order", type=int, default=3, show_default=True, help="Teacher multistep order")
-@click.option("--fp16/--no-fp16", default=True, show_default=True,
-              help="training_loop's fp16 (mixed precision on CUDA)")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
+              help="training_loop's precision (train.py's --precision; mixed precision on CUDA only)")
 @click.option("--loop_kwarg", "loop_kwarg", multiple=True, metavar="NAME=VALUE",
               help="Another training_loop keyword (VALUE parsed as JSON), e.g. a precision option; repeatable")
 @click.option("--device", default=None, help="Device  [default: cuda if available]")

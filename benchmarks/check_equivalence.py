@@ -26,7 +26,6 @@ python benchmarks/check_equivalence.py --tiny --device=cpu --batch=8 --kimg=0.03
 """
 
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -131,8 +130,8 @@ def measure(tiny, batch, kimg, seeds, device, seed, fast, sample_fast, paper_fp1
         model_path = os.path.join(tmp, "teacher.pkl")
         save_edm_pickle(model_path, {"ema": teacher})
         for name, kwargs in runs.items():
-            # `fp16=always` arms mixed precision on a CPU too, so the CPU smoke run exercises the same switches.
-            loop = dict(kwargs, fp16="always" if device.type != "cuda" else True)
+            # Mixed precision armed on a CPU too, so that the CPU smoke run exercises the same switches.
+            loop = dict(kwargs, mixed_on_cpu=device.type != "cuda")
             losses[name], nets[name], settings = train(model_path, tmp, name, batch, kimg, device, seed, loop)
     seed_list = list(range(seeds))
     images = {name: sample_uint8(net, settings, seed_list, device) for name, net in nets.items()}

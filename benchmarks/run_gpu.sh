@@ -56,8 +56,8 @@ run 75 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=both --preci
 run 150 $B/check_equivalence.py --batch=128 --kimg=2 --seeds=256
 # FID features: fp32 as fid.py runs.
 run 35 $B/bench_fid.py --batch=256 --batches=20 --warmup=3
-run 80 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=1 --no-fp16
-run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --fp16
+run 80 $B/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=1 --precision=fp32
+run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --precision=fp16
 run 60 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --precision=bf16 --channels_last --compile=default
 run 30 $B/bench_sample.py --batch=256 --batches=20 --warmup=3 --png=off --cudnn_benchmark
 run 30 $B/bench_fid.py --batch=256 --batches=20 --warmup=3 --channels_last --cudnn_benchmark

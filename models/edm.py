@@ -101,20 +101,25 @@ def weight_init(shape, mode, fan_in, fan_out):
     raise ValueError(f"unknown init_mode {mode!r}: use xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal")
 
 
+def _init_affine(module, weight_shape, bias, init_mode, init_weight, init_bias, fan_in, fan_out):
+    """Give `module` a weight of weight_shape (None for an empty shape) and a bias of its first dimension."""
+    def draw(shape, gain):
+        return torch.nn.Parameter(weight_init(shape, init_mode, fan_in, fan_out) * gain)
+
+    module.weight = draw(weight_shape, init_weight) if weight_shape else None
+    module.bias = draw(weight_shape[:1], init_bias) if weight_shape and bias else None
+
+
 class Linear(RecordedModule):
     def __init__(self, in_features, out_features, bias=True, init_mode="kaiming_normal", init_weight=1, init_bias=0):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        self.in_features, self.out_features = in_features, out_features
+        _init_affine(self, [out_features, in_features], bias, init_mode, init_weight, init_bias,
+                     fan_in=in_features, fan_out=out_features)
 
     def forward(self, x):
-        x = x @ self.weight.to(x.dtype).t()
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype)
-        return x
+        y = torch.matmul(x, self.weight.to(x.dtype).T)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
 class Conv2d(RecordedModule):
@@ -125,56 +130,55 @@ class Conv2d(RecordedModule):
         if up and down:
             raise ValueError("Conv2d: up and down cannot both be set")
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
-        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
+        _init_affine(self, [out_channels, in_channels, kernel, kernel] if kernel else [], bias, init_mode, init_weight,
+                     init_bias, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = torch.outer(f, f)[None, None] / f.sum().square()
         # Registered even when unused (as None) so the state_dict matches EDM's key for key.
         self.register_buffer("resample_filter", f if up or down else None)
 
     def forward(self, x):
-        w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
-        w_pad = w.shape[-1] // 2 if w is not None else 0
-        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-        conv, conv_t = torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d
-
-        if self.fused_resample and self.up and w is not None:
-            x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
-            x = conv(x, w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
-            x = conv(x, w, padding=w_pad + f_pad)
-            x = conv(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
-        else:
-            if self.up:
-                x = conv_t(x, f.mul(4).tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if self.down:
-                x = conv(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2, padding=f_pad)
-            if w is not None:
-                x = conv(x, w, padding=w_pad)
-        if b is not None:
-            x = x + b.reshape(1, -1, 1, 1)
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        f = None if self.resample_filter is None else self.resample_filter.to(x.dtype)
+        w_pad = 0 if w is None else w.shape[-1] // 2
+        f_pad = 0 if f is None else (f.shape[-1] - 1) // 2
+        fused = self.fused_resample and w is not None  # resampling and convolution share their padding
+        if self.up:
+            x = _fir_resample(x, 4 * f, max(f_pad - w_pad, 0) if fused else f_pad, up=True)
+        if self.down and not fused:
+            x = _fir_resample(x, f, f_pad, up=False)
+        if w is not None:
+            padding = w_pad
+            if fused:
+                padding = max(w_pad - f_pad, 0) if self.up else w_pad + f_pad
+            x = torch.nn.functional.conv2d(x, w, padding=padding)
+        if self.down and fused:
+            x = _fir_resample(x, f, 0, up=False)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         return x
 
 
+def _fir_resample(x, taps, padding, up):
+    """Depthwise stride-2 filtering of every channel: transposed (2x up) or plain (2x down)."""
+    channels = x.shape[1]
+    op = torch.nn.functional.conv_transpose2d if up else torch.nn.functional.conv2d
+    return op(x, taps.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=padding)
+
+
 class GroupNorm(RecordedModule):
+    """Group normalisation with at least `min_channels_per_group` channels a group; affine in the input dtype."""
+
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
         super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(num_channels))
-        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+        self.num_groups, self.eps = min(num_groups, num_channels // min_channels_per_group), eps
+        self.weight, self.bias = (torch.nn.Parameter(torch.full([num_channels], value)) for value in (1.0, 0.0))
 
     def forward(self, x):
-        return torch.nn.functional.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
-                                              bias=self.bias.to(x.dtype), eps=self.eps)
+        scale, shift = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return torch.nn.functional.group_norm(x, self.num_groups, scale, shift, self.eps)
 
 
 class UNetBlock(RecordedModule):
@@ -191,35 +195,31 @@ class UNetBlock(RecordedModule):
                  init=None, init_zero=None, init_attn=None, use_step_condition=False):
         super().__init__()
         init = dict(init or {})
-        init_zero = dict(init_zero if init_zero is not None else dict(init_weight=0))
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
-        self.dropout = dropout
-        self.skip_scale = skip_scale
-        self.adaptive_scale = adaptive_scale
-        emb_out = out_channels * (2 if adaptive_scale else 1)
+        init_zero = dict(init_zero) if init_zero is not None else dict(init_weight=0)
+        heads = (num_heads if num_heads is not None else out_channels // channels_per_head) if attention else 0
+        self.in_channels, self.out_channels, self.emb_channels = in_channels, out_channels, emb_channels
+        self.num_heads, self.dropout, self.skip_scale, self.adaptive_scale = heads, dropout, skip_scale, adaptive_scale
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
+        emb_width = 2 * out_channels if adaptive_scale else out_channels  # (scale, shift) or a shift only
 
+        # Main path, then the shortcut: a projection when the width changes (or with resample_proj), otherwise
+        # the bare resampling of the input, or the input itself.
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, up=up, down=down,
-                            resample_filter=resample_filter, **init)
-        self.affine = Linear(in_features=emb_channels, out_features=emb_out, **init)
+        self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, **resample, **init)
+        self.affine = Linear(in_features=emb_channels, out_features=emb_width, **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
         # SFD-v: initialised like its neighbour `affine` (not zero), as in the paper's code.
-        self.affine_step = Linear(in_features=emb_channels, out_features=emb_out, **init) if use_step_condition else None
-
+        self.affine_step = Linear(in_features=emb_channels, out_features=emb_width, **init) if use_step_condition else None
+        widened = out_channels != in_channels
         self.skip = None
-        if out_channels != in_channels or up or down:
-            kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=kernel, up=up, down=down,
-                               resample_filter=resample_filter, **init)
-
-        if self.num_heads:
+        if widened or up or down:
+            self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels,
+                               kernel=1 if resample_proj or widened else 0, **resample, **init)
+        if heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1,
-                              **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(in_channels=out_channels, out_channels=3 * out_channels, kernel=1,
+                              **(init if init_attn is None else init_attn))
             self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
 
     def forward(self, x, emb, emb_step=None):
@@ -261,21 +261,23 @@ class UNetBlock(RecordedModule):
         return a.reshape(n * heads, height * width, ch).transpose(1, 2).reshape(n, c, height, width)
 
 
+def _cos_sin(x, freqs):
+    """One row [cos(x f) for f in freqs, sin(x f) for f in freqs] per element x."""
+    angles = torch.outer(x, freqs.to(x.dtype))
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
 class PositionalEmbedding(RecordedModule):
-    """Sinusoidal embedding [cos(x f), sin(x f)], f = max_positions^(-i/(C/2 - endpoint))."""
+    """Sinusoidal embedding with frequencies max_positions^(-i/(C/2 - endpoint)), i < C/2."""
 
     def __init__(self, num_channels, max_positions=10000, endpoint=False):
         super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x):
         half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
-        freqs = (1 / self.max_positions) ** freqs
-        x = torch.outer(x, freqs.to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        exponents = torch.arange(half, dtype=torch.float32, device=x.device) / (half - int(self.endpoint))
+        return _cos_sin(x, (1 / self.max_positions) ** exponents)
 
 
 class FourierEmbedding(RecordedModule):
@@ -286,8 +288,7 @@ class FourierEmbedding(RecordedModule):
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x):
-        x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        return _cos_sin(x, 2 * np.pi * self.freqs)
 
 
 def _swap_sin_cos(emb):

@@ -120,24 +120,23 @@ class VPPrecond(_Precond):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, beta_d=19.9, beta_min=0.1,
                  M=1000, epsilon_t=1e-5, model_type="SongUNet", use_step_condition=False, **model_kwargs):
         super().__init__()
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.M = M
-        self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        self.sigma_min, self.sigma_max = float(self.sigma(epsilon_t)), float(self.sigma(1))
         self._build_model(img_resolution, img_channels, label_dim, use_fp16, model_type, use_step_condition, model_kwargs)
 
     def _coefficients(self, sigma):
         return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
 
     def sigma(self, t):
+        """VP SDE: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
         t = torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        exponent = 0.5 * self.beta_d * (t ** 2) + self.beta_min * t
+        return (exponent.exp() - 1).sqrt()
 
     def sigma_inv(self, sigma):
-        sigma = torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+        """The t of a given sigma: the positive root of beta_d t^2 / 2 + beta_min t = log(1 + sigma^2)."""
+        log_var = (1 + torch.as_tensor(sigma) ** 2).log()
+        return ((self.beta_min ** 2 + 2 * self.beta_d * log_var).sqrt() - self.beta_min) / self.beta_d
 
 
 class VEPrecond(_Precond):

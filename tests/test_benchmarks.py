@@ -72,7 +72,7 @@ def test_bench_sample_fast_path_switches(tmp_path):
     r, _ = run_script("bench_sample.py", "--tiny", "--device=cpu", "--batch=3", "--batches=1", "--warmup=1",
                       "--png=off", "--precision=bf16", "--channels_last", "--compile=aot_eager", cwd=tmp_path)
     s = r["settings"]
-    assert (s["precision"], s["channels_last"], s["compile"], s["fp16"]) == ("fp32", True, "aot_eager", False)
+    assert (s["precision"], s["channels_last"], s["compile"]) == ("fp32", True, "aot_eager")
     assert r["img_per_s_png_off"] > 0 and "img_per_s_png_on" not in r
 
 
@@ -111,12 +111,12 @@ def test_loop_kwargs_are_checked_against_training_loop():
     from benchmarks.bench_train import parse_loop_kwargs
     from training.training_loop import training_loop
 
-    assert parse_loop_kwargs(["fp16=false", "seed=3", "schedule_type=logsnr"], training_loop) == dict(
-        fp16=False, seed=3, schedule_type="logsnr")
+    assert parse_loop_kwargs(["lpips=false", "seed=3", "schedule_type=logsnr"], training_loop) == dict(
+        lpips=False, seed=3, schedule_type="logsnr")
     with pytest.raises(click.BadParameter, match="no keyword"):
         parse_loop_kwargs(["no_such_option=1"], training_loop)
     with pytest.raises(click.BadParameter, match="NAME=VALUE"):
-        parse_loop_kwargs(["fp16"], training_loop)
+        parse_loop_kwargs(["lpips"], training_loop)
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ class Recorder:
 
 
 def run(pkl, **kw):
-    args = dict(model_path=pkl, batch_size=4, total_kimg=0.004, seed=3, device="cpu", progress=False, fp16=False)
+    args = dict(model_path=pkl, batch_size=4, total_kimg=0.004, seed=3, device="cpu", progress=False, precision="fp32")
     args.update(kw)
     if args.get("run_dir"):
         os.makedirs(args["run_dir"], exist_ok=True)  # train.py makes the run folder before the loop starts
@@ -244,7 +244,7 @@ def test_sd_trains_at_guidance_one(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "load_network", with_unet_hook)
     res = training_loop(dataset_name=row.dataset_name, cache_root=str(tmp_path / "src"), guidance_type="cfg",
                         guidance_rate=7.5, batch_size=2, total_kimg=0.002, num_steps=3, M=1, sampler_tea="euler",
-                        schedule_type="discrete", device="cpu", progress=False, fp16=False, seed=0)
+                        schedule_type="discrete", device="cpu", progress=False, precision="fp32", seed=0)
     assert rec.calls and all(c["guidance_rate"] == 1.0 for c in rec.calls), {c["guidance_rate"] for c in rec.calls}
     assert not any(c["unconditional"] for c in rec.calls)  # no unconditional branch is fed ...
     assert unet_batches == [2] * len(rec.calls)  # ... or run: one U-Net pass of the batch per network call

@@ -94,7 +94,7 @@ def test_nan_loss_switches_to_fp32_and_keeps_weights_finite(tiny_teacher_pkl, mo
         return out * float("nan") if len(calls) == 4 else out  # one NaN loss in the second iteration
 
     monkeypatch.setattr(sfd_loss, "l1_loss", poisoned)
-    res = training_loop(model_path=pkl, batch_size=4, total_kimg=0.016, seed=0, device="cpu", fp16="always",
+    res = training_loop(model_path=pkl, batch_size=4, total_kimg=0.016, seed=0, device="cpu", mixed_on_cpu=True,
                         progress=False, lr=1e-3)
     assert "continuing in fp32" in capsys.readouterr().out
     assert all(torch.isfinite(p).all() for p in res.net.parameters())

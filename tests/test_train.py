@@ -48,7 +48,7 @@ def test_short_run_writes_experiment_folder_and_numbers_increase(tmp_path, tiny_
     assert "sec_per_kimg" in stats[-1] and "peak_mem_gb" in stats[-1]
     opts = json.load(open(os.path.join(run, "training_options.json")))
     assert opts["num_steps"] == 4 and opts["M"] == 3 and opts["afs"] is True
-    assert opts["fp16"] is False and opts["precision"] == "fp32"  # what runs on the CPU, whatever --fp16 says
+    assert "fp16" not in opts and opts["precision"] == "fp32"  # what runs on the CPU, whatever --precision says
 
     from models import load_snapshot
 
@@ -370,9 +370,9 @@ def test_teacher_batching_across_rounds_gives_the_same_targets(tiny_teacher_pkl)
 def test_bf16_and_channels_last_paths_track_fp32(tiny_teacher_pkl):
     """The speed switches change how, not what: first-tick losses stay close to the fp32 reference."""
     pkl, _ = tiny_teacher_pkl
-    ref = _loop(pkl, total_kimg=0.004, fp16=False)
-    cl = _loop(pkl, total_kimg=0.004, fp16=False, channels_last=True)
-    bf = _loop(pkl, total_kimg=0.004, fp16="always", precision="bf16")
+    ref = _loop(pkl, total_kimg=0.004, precision="fp32")
+    cl = _loop(pkl, total_kimg=0.004, precision="fp32", channels_last=True)
+    bf = _loop(pkl, total_kimg=0.004, mixed_on_cpu=True, precision="bf16")
     for (k, a), b, c in zip(ref.net.state_dict().items(), cl.net.state_dict().values(), bf.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
         # One Adam step of lr 5e-5 moves a weight by ≤ ~1e-4 whatever the gradient: compare the update direction.
@@ -416,10 +416,10 @@ def test_compiled_sfdv_student_is_one_graph_for_every_step_count(tiny_teacher_pk
     monkeypatch.setattr(sfd_loss, "student_step", recording)
     torch.compiler.reset()
     COMPILED_GRAPHS.clear()
-    compiled = _loop(pkl, fp16=False, compile="sfd_test_counting", use_step_condition=True, total_kimg=0.032)
+    compiled = _loop(pkl, precision="fp32", compile="sfd_test_counting", use_step_condition=True, total_kimg=0.032)
     assert len(set(drawn)) >= 3, drawn  # several step counts were trained
     assert len(COMPILED_GRAPHS) == 2, [g.code for g in COMPILED_GRAPHS]
-    eager = _loop(pkl, fp16=False, use_step_condition=True, total_kimg=0.032)
+    eager = _loop(pkl, precision="fp32", use_step_condition=True, total_kimg=0.032)
     for (k, a), b in zip(eager.net.state_dict().items(), compiled.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
 

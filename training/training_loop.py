@@ -122,8 +122,8 @@ def training_loop(
     snapshot_ticks=None,  # None: one snapshot at the end
     state_dump_ticks=None,
     lpips=True,
-    fp16=True,  # mixed precision on CUDA; "always" also arms it on the CPU (used by tests)
-    precision=None,  # 'fp16' (EDM's use_fp16, the paper), 'bf16' (autocast) or 'fp32'; None: from fp16
+    precision="fp16",  # 'fp16' (EDM's use_fp16, the paper), 'bf16' (autocast) or 'fp32'; mixed ones on CUDA only
+    mixed_on_cpu=False,  # arm fp16/bf16 on the CPU too (tests of the mixed-precision path)
     channels_last=False,
     compile=False,  # torch.compile the teacher and student calls
     teacher_batch=None,  # teacher trajectories per call (all accumulation rounds at once when larger); None: batch_gpu
@@ -172,7 +172,7 @@ def training_loop(
     for module in (net, teacher):
         if hasattr(module, "guidance_rate"):
             module.guidance_rate = 1.0  # SD trains on the conditional prediction only; sampling uses guidance_rate
-    mode = RunMode(precision or ("fp16" if fp16 else "fp32"), device, (net, teacher), armed_on_cpu=fp16 == "always")
+    mode = RunMode(precision, device, (net, teacher), armed_on_cpu=mixed_on_cpu)
     for module in (net, teacher):
         prepare_module(module, channels_last=channels_last)
     dist.print0(f"Parameters: {sum(p.numel() for p in net.parameters()):,} | batch {batch_size} = "
@@ -298,7 +298,7 @@ def training_loop(
         eta = sec_per_kimg * (total_kimg - cur_nimg / 1000)
         stats = dict(tick=cur_tick, kimg=cur_nimg / 1000, sec_per_kimg=sec_per_kimg,
                      total_sec=time.time() - start_time, peak_mem_gb=_peak_memory_gb(device),
-                     lr=optimizer.param_groups[0]["lr"], fp16=mode.mixed, precision=mode.precision,
+                     lr=optimizer.param_groups[0]["lr"], mixed_precision=mode.mixed, precision=mode.precision,
                      loss={f"step{i}": v for i, (v, n) in enumerate(zip(per_step, seen)) if n > 0})
         loss_text = " ".join(f"{v:.4f}" for v, n in zip(per_step, seen) if n > 0)
         line = (f"tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} loss/step [{loss_text}] sec/kimg "
