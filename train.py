@@ -258,6 +258,10 @@ def main(**kwargs):
     return run_training(c, run_dir, dry_run=opts.dry_run, nosubdir=opts.nosubdir)
 
 
+# training_options.json keys that only record the run: world_size, and fp16 from runs before --precision.
+RECORD_ONLY_OPTIONS = ("world_size", "fp16")
+
+
 def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, device=None):
     """Print the options, then train into run_dir (created only once the network has loaded)."""
     if resume_state is not None:
@@ -284,7 +288,8 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
         return run_dir
 
     try:
-        training_loop(run_dir=open_run_dir, resume_state=resume_state, **c)
+        loop_options = {k: v for k, v in c.items() if k not in RECORD_ONLY_OPTIONS}
+        training_loop(run_dir=open_run_dir, resume_state=resume_state, **loop_options)
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:
         raise CommandError(str(e) or type(e).__name__) from None
     finally:

@@ -110,12 +110,6 @@ BACKBONES["fmnist"] = Backbone(
     description="built-in DDPM++-style teacher, Fashion-MNIST 32x32 grayscale, unconditional (experiments/train_teacher.py)")
 
 
-def register_backbone(row):
-    """Add (or replace) a table row; returns it."""
-    BACKBONES[row.dataset_name] = row
-    return row
-
-
 def get_backbone(dataset_name):
     if dataset_name not in BACKBONES:
         raise ValueError(f"unknown dataset_name {dataset_name!r}: use one of {', '.join(sorted(BACKBONES))}")

@@ -11,7 +11,7 @@ import dataset_tool
 from metrics.detectors import compute_features, detector_in_channels, load_detector
 from metrics.frechet import FeatureStats, frechet_distance, load_ref
 from models import load_network
-from models.registry import BACKBONES, Backbone, register_backbone
+from models.registry import BACKBONES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets")
@@ -142,17 +142,10 @@ def test_teacher_denoises_real_images(test_images):
 
 def test_registry_row_builds_the_shipped_teacher():
     """A table row with the teacher's keywords loads the pickle strictly (the row SPEC §6 needs for fmnist)."""
-    row = BACKBONES.get("fmnist") or Backbone(
-        dataset_name="fmnist", family="edm", file_name="fmnist-teacher.pkl", path="assets/fmnist-teacher.pkl",
-        resolution=32, channels=1, label_dim=0, sigma_min=0.006, sigma_max=80.0, network_kwargs=TEACHER_KWARGS)
-    assert row.path == "assets/fmnist-teacher.pkl"
-    saved = dict(BACKBONES)
-    try:
-        register_backbone(row)
-        from_row = load_network("fmnist").net
-    finally:
-        BACKBONES.clear()
-        BACKBONES.update(saved)
+    row = BACKBONES["fmnist"]
+    assert row.path == "assets/fmnist-teacher.pkl" and (row.resolution, row.channels, row.label_dim) == (32, 1, 0)
+    assert {k: row.network_kwargs[k] for k in TEACHER_KWARGS} == TEACHER_KWARGS
+    from_row = load_network("fmnist").net
     from_file = load_network(model_path=TEACHER).net
     for (name, a), (_, b) in zip(from_row.state_dict().items(), from_file.state_dict().items()):
         assert torch.equal(a, b), name

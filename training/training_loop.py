@@ -132,7 +132,6 @@ def training_loop(
     resume_state=None,  # a training-state dump to continue from (same run folder)
     device=None,
     progress=True,
-    **unused,
 ):
     device = torch.device(device) if device is not None else torch.device("cpu")
     start_time = time.time()

@@ -23,6 +23,15 @@ import zipfile
 import torch
 
 # The DDPM tables LatentDiffusion registers as buffers (every CompVis checkpoint carries them).
+def alphas_cumprod_of(schedule):
+    """CompVis' 'linear' DDPM schedule: betas = linspace(sqrt(start), sqrt(end), T)^2, in float64, stored float32."""
+    if schedule.get("beta_schedule", "linear") != "linear":
+        raise ValueError(f"only CompVis' 'linear' beta schedule is supported, got {schedule.get('beta_schedule')!r}")
+    betas = torch.linspace(schedule["linear_start"] ** 0.5, schedule["linear_end"] ** 0.5, schedule["timesteps"],
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
 SCHEDULE_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",

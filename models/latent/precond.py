@@ -22,16 +22,8 @@ import torch
 from ..edm import RecordedModule
 from ..precond import per_sample
 from ..snapshot import register_network_class
+from .checkpoints import alphas_cumprod_of
 from .unet import LatentUNet
-
-
-def alphas_cumprod_of(schedule):
-    """CompVis' 'linear' DDPM schedule: betas = linspace(sqrt(start), sqrt(end), T)^2, in float64, stored float32."""
-    if schedule.get("beta_schedule", "linear") != "linear":
-        raise ValueError(f"only CompVis' 'linear' beta schedule is supported, got {schedule.get('beta_schedule')!r}")
-    betas = torch.linspace(schedule["linear_start"] ** 0.5, schedule["linear_end"] ** 0.5, schedule["timesteps"],
-                           dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0).float()
 
 
 def _interp(x, xp, fp):
