@@ -22,8 +22,8 @@ import dnnlib
 
 from ..snapshot import NETWORK_CLASSES
 from .checkpoints import (EMA_PREFIX, FIRST_STAGE_PREFIX, IGNORABLE, SCHEDULE_BUFFERS, TEXT_PREFIX, UNET_PREFIX,
-                          alphas_cumprod_of, ema_name, read_diffusers_weights, read_json, read_state_dict, shapes, sniff, take_strict,
-                          unet_compvis_name, with_prefix)
+                          alphas_cumprod_of, ema_name, read_diffusers_weights, read_json, read_state_dict, shapes,
+                          sniff, take_strict, unet_compvis_name, with_prefix)
 from .first_stage import build_first_stage, compvis_name, is_attention_matrix, modern_diffusers_name
 from .text import PromptEncoder, build_text_encoder, load_text_weights
 from .unet import is_step_layer_key
