@@ -25,7 +25,6 @@ the built-in NVIDIA URL, which EDM and the paper load with plain ``pickle.load``
 other files unless ``trust_embedded_code=True``.
 """
 
-import collections
 import contextlib
 import hashlib
 import io
@@ -40,6 +39,8 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils.persistence import EDM_PICKLE_RULES, PersistentRecord
+from torch_utils.restricted_pickle import RestrictedUnpickler
 
 DEFAULT_DETECTOR_URL = (
     "https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl"
@@ -131,73 +132,13 @@ def load_torchscript(path_or_bytes, device="cpu"):
         raise ValueError(f"detector {name} is not a TorchScript archive saved with torch.jit.save ({first})") from None
 
 
-class _PersistentRecord:
-    """What ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` would have rebuilt, kept inert."""
-
-    def __init__(self, meta):
-        self.meta = meta
-
-
-def _storage_from_bytes(data):
-    # torch's own hook for this global runs a full (unrestricted) torch.load; storages need none.
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-
-
-def _allowed_globals():
-    import torch._tensor
-    import torch._utils
-
-    allowed = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "slice"): slice,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-        ("torch", "Tensor"): torch.Tensor,
-        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-        ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
-        ("dnnlib.util", "EasyDict"): dnnlib.EasyDict,
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _PersistentRecord,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-    for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-                 "_rebuild_parameter_with_state"):
-        if hasattr(torch._utils, name):
-            allowed[("torch._utils", name)] = getattr(torch._utils, name)
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-        allowed[(mod, "scalar")] = multiarray.scalar
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Refuses every global except tensor rebuilding, torch.nn layer classes and plain containers."""
-
-    def __init__(self, file, source):
-        super().__init__(file)
-        self.source = source
-        self.allowed = _allowed_globals()
-
-    def find_class(self, module, name):
-        if (module, name) in self.allowed:
-            return self.allowed[(module, name)]
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module.startswith("torch.nn.modules."):
-            cls = getattr(sys.modules.get(module) or _import(module), name, None)
-            if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
-                return cls
-        raise pickle.UnpicklingError(
-            f"{self.source} refers to {module}.{name}, which the detector loader does not allow; "
-            f"use a TorchScript detector (--detector model.pt) instead"
-        )
+def _torch_nn_class(module, name):
+    """Detector pickles may hold plain torch.nn layers; those classes (and nothing else) are built for real."""
+    if module.startswith("torch.nn.modules."):
+        cls = getattr(sys.modules.get(module) or _import(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            return cls
+    return None
 
 
 def _import(module):
@@ -210,7 +151,10 @@ def load_nvidia_pickle(path, trust_embedded_code=False):
     """Rebuild a detector from an NVIDIA metrics pickle without unrestricted unpickling."""
     with open(path, "rb") as f:
         try:
-            obj = _RestrictedUnpickler(f, source=path).load()
+            shown = str(path).replace("{", "{{").replace("}", "}}")
+            obj = RestrictedUnpickler(f, allowed=EDM_PICKLE_RULES["allowed"], resolve=_torch_nn_class,
+                                      refusal=f"{shown} refers to {{name}}, which the detector loader does not allow; "
+                                              f"use a TorchScript detector (--detector model.pt) instead").load()
         except pickle.UnpicklingError as e:
             raise ValueError(str(e)) from None
         except Exception as e:  # truncated or foreign files
@@ -220,10 +164,10 @@ def load_nvidia_pickle(path, trust_embedded_code=False):
         return load_torchscript(archive)
     if isinstance(obj, torch.nn.Module):
         return obj
-    if isinstance(obj, _PersistentRecord):
+    if isinstance(obj, PersistentRecord):
         if not trust_embedded_code:
             raise ValueError(
-                f"detector {path} embeds Python source (class {obj.meta.get('class_name')!r}) that must run to "
+                f"detector {path} embeds Python source (class {obj.class_name!r}) that must run to "
                 f"rebuild it; refusing to run it: convert the detector to TorchScript (torch.jit.save) or load "
                 f"it with trust_embedded_code=True"
             )
@@ -244,8 +188,8 @@ def _find_torchscript_archive(obj, depth=0):
             except zipfile.BadZipFile:
                 return None
         return None
-    if isinstance(obj, _PersistentRecord):
-        return _find_torchscript_archive(obj.meta.get("state"), depth + 1)
+    if isinstance(obj, PersistentRecord):
+        return _find_torchscript_archive(obj.state, depth + 1)
     if isinstance(obj, dict):
         items = obj.values()
     elif isinstance(obj, (list, tuple)):
@@ -318,12 +262,14 @@ def _materialize(obj, memo):
     """Replace inert persistent records by real objects, innermost first (as pickle would)."""
     if id(obj) in memo:
         return memo[id(obj)]
-    if isinstance(obj, _PersistentRecord):
-        meta = obj.meta
-        if meta.get("type") != "class" or "module_src" not in meta or "class_name" not in meta:
-            raise ValueError(f"unsupported persistent object in detector pickle: {sorted(meta)}")
-        state = _materialize(meta.get("state") or {}, memo)
-        cls = _module_from_source(meta["module_src"]).__dict__[meta["class_name"]]
+    if isinstance(obj, PersistentRecord):
+        state = dict(obj.state)
+        if obj.init_args is not None:
+            state["_init_args"] = obj.init_args
+        if obj.init_kwargs is not None:
+            state["_init_kwargs"] = obj.init_kwargs
+        state = _materialize(state, memo)
+        cls = _module_from_source(obj.module_src).__dict__[obj.class_name]
         inst = cls.__new__(cls)
         setstate = getattr(inst, "__setstate__", None)
         if callable(setstate):
@@ -345,7 +291,7 @@ def _materialize(obj, memo):
     elif isinstance(obj, torch.nn.Module):
         for d in (obj._modules, obj.__dict__):
             for k in list(d):
-                if isinstance(d[k], (_PersistentRecord, dict, list, tuple)):
+                if isinstance(d[k], (PersistentRecord, dict, list, tuple)):
                     d[k] = _materialize(d[k], memo)
     return obj
 

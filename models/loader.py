@@ -17,6 +17,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+from torch_utils.restricted_pickle import InertObject
 from training.sfd_loss import SFDV_NUM_STEPS
 
 from .edm import load_state_strict
@@ -182,7 +183,7 @@ def _ema_record(path, data=None):
 
 def _is_paper_snapshot(data):
     record = data.get("model")
-    return isinstance(record, persistence.ObjectRecord) and record.class_name == f"{persistence.PAPER_MODULE}.EDMPrecond"
+    return isinstance(record, InertObject) and record.class_name == f"{persistence.PAPER_MODULE}.EDMPrecond"
 
 
 def _build_paper_snapshot(record, path):

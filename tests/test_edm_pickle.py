@@ -9,7 +9,8 @@ import torch
 
 from models import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond, load_network
 from torch_utils import persistence
-from torch_utils.persistence import PersistentRecord, UnsafePickleError, load_edm_pickle, save_edm_pickle
+from torch_utils.persistence import PersistentRecord, load_edm_pickle, save_edm_pickle
+from torch_utils.restricted_pickle import RestrictedUnpickler, UnsafePickleError
 
 SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[8], dropout=0, augment_dim=9, embedding_type="positional",
@@ -43,13 +44,13 @@ def pickled_globals(path):
     """Every global a pickle refers to, as 'module.name' (recorded while our restricted reader loads it)."""
     names = set()
 
-    class Recording(persistence._RestrictedUnpickler):
+    class Recording(RestrictedUnpickler):
         def find_class(self, module, name):
             names.add(f"{module}.{name}")
             return super().find_class(module, name)
 
     with open(path, "rb") as f:
-        Recording(f).load()
+        Recording(f, **persistence.EDM_PICKLE_RULES).load()
     return names
 
 

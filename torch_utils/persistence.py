@@ -15,14 +15,10 @@ class with the recorded constructor keywords and copies the recorded tensors in 
 `save_edm_pickle` writes the same format from our modules (tests, and shipping a built-in teacher).
 """
 
-import _compat_pickle
-import codecs
-import collections
 import copy
 import copyreg
 import importlib
 import inspect
-import io
 import os
 import pickle
 import sys
@@ -32,12 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 import dnnlib
+from torch_utils.restricted_pickle import InertObject, RestrictedUnpickler, UnsafePickleError
 
 FORMAT_VERSION = 6  # EDM's `_version`
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle asked for a global that an EDM network pickle never needs."""
 
 
 @dataclass
@@ -49,23 +42,6 @@ class PersistentRecord:
     init_args: tuple = ()
     init_kwargs: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # the object's __dict__ without _init_args/_init_kwargs
-
-
-class ObjectRecord:
-    """An instance of an allowed plain class (e.g. torch.nn.ModuleDict), kept as (class_name, state)."""
-
-    class_name = None  # set on the per-class subclasses made by `_object_record_class`
-
-    def __init__(self, state=None):
-        self.state = state if state is not None else {}
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        self.state = state if isinstance(state, dict) else {"state": state}
-
-    def __repr__(self):
-        return f"ObjectRecord({self.class_name})"
 
 
 def _reconstruct_persistent_obj(meta):
@@ -103,84 +79,15 @@ _RECORDED_CLASSES |= {
     f"{PAPER_MODULE}.{name}" for name in ("EDMPrecond", "SongUNet", "DhariwalUNet", "UNetBlock", "Linear", "Conv2d",
                                           "GroupNorm", "PositionalEmbedding", "FourierEmbedding")
 }
-_record_classes = {}
 
 
-def _object_record_class(qualified_name):
-    if qualified_name not in _record_classes:
-        short = qualified_name.rsplit(".", 1)[-1]
-        _record_classes[qualified_name] = type(f"{short}Record", (ObjectRecord,), {"class_name": qualified_name})
-    return _record_classes[qualified_name]
-
-
-def _load_storage_bytes(data):
-    # Plain-pickled torch storages carry a small torch.save stream; read it with torch's own safe loader.
-    if not isinstance(data, (bytes, bytearray)):
-        raise UnsafePickleError("torch storage payload must be bytes")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-
-
-def _copyreg_reconstructor(cls, base, base_state):
-    # Protocol 0/1 spelling of "make an instance of cls" (its state follows separately); only our
-    # inert record classes may be made.
-    if not (isinstance(cls, type) and issubclass(cls, ObjectRecord)) or base is not object or base_state is not None:
-        raise UnsafePickleError(f"copyreg._reconstructor for {cls!r} is not allowed")
-    return cls()
-
-
-def _allowed_globals():
-    import numpy as np
-
-    allowed = {
-        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
-        ("dnnlib.util", "EasyDict"): dnnlib.EasyDict,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "object"): object,
-        ("copyreg", "_reconstructor"): _copyreg_reconstructor,
-        ("_codecs", "encode"): codecs.encode,  # protocol-2 spelling of bytes
-        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch.storage", "_load_from_bytes"): _load_storage_bytes,
-        ("torch", "Size"): torch.Size,
-        ("torch", "Tensor"): torch.Tensor,
-        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-        ("numpy", "dtype"): np.dtype,
-        ("numpy", "ndarray"): np.ndarray,
-    }
-    for module, name in (("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2")):
-        if hasattr(sys.modules[module], name):  # present in the torch versions that write them
-            allowed[(module, name)] = getattr(sys.modules[module], name)
-    # numpy 1.x pickles name numpy.core, numpy 2.x numpy._core; both resolve to the installed numpy.
-    multiarray = np.core.multiarray if not hasattr(np, "_core") else np._core.multiarray
-    numeric = np.core.numeric if not hasattr(np, "_core") else np._core.numeric
-    for prefix in ("numpy.core", "numpy._core"):
-        allowed[(f"{prefix}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{prefix}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{prefix}.numeric", "_frombuffer")] = numeric._frombuffer
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file):
-        super().__init__(file)
-        self._allowed = _allowed_globals()
-
-    def find_class(self, module, name):
-        # Protocols 0-2 spell some modules the Python 2 way (__builtin__, copy_reg); map them as pickle does.
-        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        if (module, name) in self._allowed:
-            return self._allowed[(module, name)]
-        if f"{module}.{name}" in _RECORDED_CLASSES:
-            return _object_record_class(f"{module}.{name}")
-        raise UnsafePickleError(f"refused to load global '{module}.{name}': EDM network pickles never need it "
-                                f"(the file may be malicious or not an EDM network pickle)")
-
-    def persistent_load(self, pid):
-        raise UnsafePickleError("refused persistent id: EDM network pickles have none")
+# The reader's settings for EDM network pickles (torch_utils.restricted_pickle.RestrictedUnpickler keywords).
+EDM_PICKLE_RULES = dict(
+    allowed={("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+             ("dnnlib.util", "EasyDict"): dnnlib.EasyDict},
+    inert=_RECORDED_CLASSES.__contains__,
+    refusal="refused to load global '{name}': EDM network pickles never need it (the file may be malicious or not an "
+            "EDM network pickle)")
 
 
 def load_edm_pickle(file_or_path):
@@ -196,7 +103,7 @@ def load_edm_pickle(file_or_path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's TypedStorage deprecation notice
-            data = _RestrictedUnpickler(file_or_path).load()
+            data = RestrictedUnpickler(file_or_path, **EDM_PICKLE_RULES).load()
     except UnsafePickleError:
         raise
     except Exception as e:
@@ -224,7 +131,7 @@ def record_tensors(record, prefix=""):
     for name, child in (state.get("_modules") or {}).items():
         if child is None:
             continue
-        if not isinstance(child, (PersistentRecord, ObjectRecord)):
+        if not isinstance(child, (PersistentRecord, InertObject)):
             raise ValueError(f"submodule '{prefix + name}' of the pickle is a {type(child).__name__}, not a module record")
         tensors.update(record_tensors(child, prefix + name + "."))
     return tensors
@@ -287,7 +194,7 @@ class _EDMPickler(pickle.Pickler):
             state = dict(obj.__dict__)
             state["_init_args"] = ()
             return _reconstruct_persistent_obj, (_meta(type(obj).__name__, _module_source(type(obj)), state),)
-        if isinstance(obj, ObjectRecord):
+        if isinstance(obj, InertObject):
             module_name, _, name = obj.class_name.rpartition(".")
             cls = getattr(importlib.import_module(module_name), name)
             return copyreg._reconstructor, (cls, object, None), obj.state

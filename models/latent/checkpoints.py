@@ -17,10 +17,11 @@ import json
 import os
 import pickle
 import re
-import types
 import zipfile
 
 import torch
+
+from torch_utils.restricted_pickle import as_pickle_module
 
 # The DDPM tables LatentDiffusion registers as buffers (every CompVis checkpoint carries them).
 def alphas_cumprod_of(schedule):
@@ -49,44 +50,9 @@ EMA_PREFIX = "model_ema."
 # Reading files.
 
 
-class _Inert(dict):
-    """Stands in for any class a checkpoint pickles besides tensors; swallows whatever pickle gives it."""
-
-    def __new__(cls, *args, **kwargs):
-        return dict.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__()
-
-    def __setstate__(self, state):
-        self.__dict__["_state"] = state
-
-    def append(self, value):
-        self.__dict__.setdefault("_items", []).append(value)
-
-    def extend(self, values):
-        for value in values:
-            self.append(value)
-
-
-_TENSOR_GLOBALS = {
-    ("torch._utils", name) for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
-                                        "_rebuild_parameter", "_rebuild_parameter_with_state")
-} | {("torch._tensor", "_rebuild_from_type_v2"), ("collections", "OrderedDict"), ("torch", "Size"),
-     ("torch", "device")}
-
-
-class _InertUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _TENSOR_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        return type(name, (_Inert,), {"__module__": "inert." + module})
-
-
-_INERT_PICKLE = types.SimpleNamespace(Unpickler=_InertUnpickler, load=lambda f, **kw: _InertUnpickler(f, **kw).load(),
-                                      __name__="inert_pickle")
+# Legacy (non-zip) checkpoints pickle whatever their training code held (Lightning callbacks, configs): every
+# class besides tensors is read as an inert record.
+_LEGACY_PICKLE = as_pickle_module(inert=lambda name: True)
 
 
 def sniff(path):
@@ -121,7 +87,7 @@ def read_state_dict(path):
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         try:
-            data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_INERT_PICKLE, mmap=mmap)
+            data = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_LEGACY_PICKLE, mmap=mmap)
         except Exception as e:
             raise ValueError(f"{path} cannot be read as a torch checkpoint: {type(e).__name__}: {e}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
