@@ -4,7 +4,7 @@ SongUNet is DDPM++/NCSN++ (Song et al. 2021) and DhariwalUNet is ADM (Dhariwal &
 re-implemented by EDM (Karras et al. 2022). Parameter names, buffer names and constructor keywords follow
 EDM exactly, so the state of EDM's released checkpoints loads strictly.
 
-SFD-v (SFD paper, Sec. 4 "variable NFEs"; SPEC §5): with `use_step_condition=True` a second embedding
+SFD-v (SFD paper, Sec. 4 "variable NFEs"; design §5): with `use_step_condition=True` a second embedding
 path maps the step condition (the student's `num_steps`) through `map_step`, `map_step_layer0`,
 `map_step_layer1`, and every UNet block gets an `affine_step` projection of it. Names and wiring match the
 paper's code, so networks trained there load here with strict keys.
@@ -547,7 +547,7 @@ def load_state_strict(net, tensors, source):
     """Copy `tensors` (name -> tensor) into `net` by name; every key and every shape must match.
 
     The one exception is SFD-v: when `tensors` has no step-layer key at all (a plain checkpoint) the
-    network's step layers keep their fresh initialisation (SPEC §5). Errors list the offending keys.
+    network's step layers keep their fresh initialisation (design §5). Errors list the offending keys.
     """
     own = net.state_dict()
     source_has_step_layers = any(is_step_layer_key(k) for k in tensors)

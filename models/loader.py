@@ -27,7 +27,7 @@ from .snapshot import NETWORK_CLASSES, load_snapshot
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Used for an EDM pickle given without a dataset_name (SPEC §6 / the paper's EDM range).
+# Used for an EDM pickle given without a dataset_name (design §6 / the paper's EDM range).
 DEFAULT_SIGMA_MIN = 0.006
 DEFAULT_SIGMA_MAX = 80.0
 

@@ -1,13 +1,13 @@
 """Preconditioning wrappers that turn a U-Net F into a denoiser D(x, sigma) (EDM paper, Table 1).
 
-All of them share one call signature (SPEC §2):
+All of them share one call signature (design §2):
 
     net(x, sigma, class_labels=None, condition=None, unconditional_condition=None,
         step_condition=None, augment_labels=None, force_fp32=False) -> D(x), float32
 
 D(x) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)).
 `condition`/`unconditional_condition` are the text-conditioning inputs of latent backbones; EDM-family
-networks accept and ignore them. `step_condition` is SFD-v's step number (SPEC §5), one number broadcast
+networks accept and ignore them. `step_condition` is SFD-v's step number (design §5), one number broadcast
 over the batch. A VP-discrete wrapper for LDM / Stable Diffusion lives beside these in its own module
 and registers itself in `models.snapshot.NETWORK_CLASSES`.
 """
@@ -84,7 +84,7 @@ class _Precond(RecordedModule):
 
 
 class EDMPrecond(_Precond):
-    """EDM preconditioning (SPEC §6): c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2),
+    """EDM preconditioning (design §6): c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2),
     c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4."""
 
     def __init__(self,

@@ -1,4 +1,4 @@
-"""The table of pre-trained backbones that `--dataset_name` selects (SPEC §6).
+"""The table of pre-trained backbones that `--dataset_name` selects (design §6).
 
 One row per dataset: where its checkpoint comes from (a URL downloaded once into
 `./src/{dataset_name}/`, or a file shipped in this repository), what it generates, the noise range SFD

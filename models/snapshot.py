@@ -5,7 +5,7 @@ The file holds the denoiser's state_dict and, in the safetensors metadata (strin
     format        'sfd-snapshot'
     version       '1'
     architecture  JSON {"class": "EDMPrecond", "init_kwargs": {...}}  -> rebuilds the network
-    settings      JSON dict of everything sampling needs (SPEC §5: dataset_name, num_steps, afs, ...)
+    settings      JSON dict of everything sampling needs (design §5: dataset_name, num_steps, afs, ...)
 
 Reading it builds the class named in `architecture` from `NETWORK_CLASSES` (never from a name that is not
 in the table) and loads the tensors strictly, so no code from the file can run.

@@ -1,4 +1,4 @@
-"""The solver library: schedules, one sampling loop, and a small step rule per solver (SPEC §3-4).
+"""The solver library: schedules, one sampling loop, and a small step rule per solver (design §3-4).
 
 SOLVERS maps the names of the paper's `--sampler_tea` option to the samplers; SOLVER_OPTIONS lists each
 solver's own options with their defaults; nfe_of counts the network calls of a run.

@@ -1,4 +1,4 @@
-"""DPM-Solver-2 in the VE form (Lu et al. 2022, Algorithm 1 with r1 = r; SPEC §4). Two NFE per step.
+"""DPM-Solver-2 in the VE form (Lu et al. 2022, Algorithm 1 with r1 = r; design §4). Two NFE per step.
 
 Under AFS only the first slope is analytical; the evaluation at t_mid still calls the network.
 """

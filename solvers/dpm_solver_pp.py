@@ -1,5 +1,5 @@
 """Multistep DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++", §4-5) in the VE form α_t = 1, σ_t = t,
-with λ = -log t. One NFE per step; orders 1-3 (SPEC §4).
+with λ = -log t. One NFE per step; orders 1-3 (design §4).
 
 What we keep from the paper's code (facts, not its text):
 - predict_x0=True (DPM-Solver++): the data estimates are remembered after dynamic thresholding.
@@ -70,7 +70,7 @@ def multistep_update(x, models, times, t_next, predict_x0):
 
 
 def dpm_pp_order(i, num_steps, max_order, lower_order_final):
-    """The order of step i of N time points (SPEC §4)."""
+    """The order of step i of N time points (design §4)."""
     if lower_order_final:
         return i + 1 if i + 1 < max_order else min(max_order, num_steps - (i + 1))
     return min(max_order, i + 1)

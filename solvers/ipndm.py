@@ -1,5 +1,5 @@
 """Improved PNDM: Adams–Bashforth multistep on the PF-ODE slopes (Zhang & Chen 2023, "DEIS", §C / iPNDM;
-SPEC §4). One NFE per step.
+design §4). One NFE per step.
 
 The order ramps up as slopes accumulate: order = min(max_order, i + 1). max_order = 1 is plain Euler (the
 paper's code crashes there while shifting its empty buffer; ours keeps the last max_order - 1 slopes, which is

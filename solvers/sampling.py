@@ -1,4 +1,4 @@
-"""The one sampling loop every solver shares (SPEC §2, §4).
+"""The one sampling loop every solver shares (design §2, §4).
 
 A solver is a *step rule* `rule(step, history) -> (x_next, memo)`: it receives a `Step` (x at t_cur, the data
 estimate and PF-ODE slope there, and a `denoise(x, t)` for any further network calls) and the memos it returned
@@ -66,7 +66,7 @@ def evaluate(denoise, x, t, use_afs):
         d = afs_slope(x, t)
         return x - t * d, d
     denoised = denoise(x, t)
-    return denoised, (x - denoised) / t  # dx/dt = (x - D(x, t)) / t, SPEC §2
+    return denoised, (x - denoised) / t  # dx/dt = (x - D(x, t)) / t, design §2
 
 
 def resolve_schedule(net, latents, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, t_steps):

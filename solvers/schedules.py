@@ -1,4 +1,4 @@
-"""Time discretisations t_0 = sigma_max > ... > t_{N-1} = sigma_min for the VE PF-ODE (SPEC §3).
+"""Time discretisations t_0 = sigma_max > ... > t_{N-1} = sigma_min for the VE PF-ODE (design §3).
 
 How time is discretised lives here; how one step is taken lives in the step-rule files.
 """
@@ -58,7 +58,7 @@ def vp_coefficients(sigma_min, sigma_max, eps_s=VP_EPS_S):
 
 def _time_uniform(frac, sigma_min, sigma_max, rho):
     # Evaluated in float64 with expm1/log1p. The paper's float32 exp(.) - 1 loses digits at small sigma (its last
-    # point is 0.002013 for sigma_min = 0.002); ours ends at sigma_min as SPEC §3 says.
+    # point is 0.002013 for sigma_min = 0.002); ours ends at sigma_min as design §3 says.
     beta_d, beta_min = vp_coefficients(sigma_min, sigma_max)
     vp_t = (1 + frac * (VP_EPS_S ** (1 / rho) - 1)) ** rho
     return torch.sqrt(torch.expm1(0.5 * beta_d * vp_t ** 2 + beta_min * vp_t))
@@ -78,7 +78,7 @@ def _discrete(frac, sigma_min, sigma_max, rho, net, device):
     t_min = model.sigma_inv(torch.tensor(sigma_min, dtype=torch.float64, device=device)).reshape(-1)[0]
     t_max = model.sigma_inv(torch.tensor(sigma_max, dtype=torch.float64, device=device)).reshape(-1)[0]
     frac = frac.to(t_max.dtype)
-    # SPEC §3: t_min is raised to 1/rho but t_max is not, exactly as in the paper's code (t_max ~ 1, so the
+    # design §3: t_min is raised to 1/rho but t_max is not, exactly as in the paper's code (t_max ~ 1, so the
     # numbers barely move; we keep them identical).
     tau = (t_max + frac * (t_min ** (1 / rho) - t_max)) ** rho
     return model.sigma(tau).reshape(-1)

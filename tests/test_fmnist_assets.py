@@ -141,7 +141,7 @@ def test_teacher_denoises_real_images(test_images):
 
 
 def test_registry_row_builds_the_shipped_teacher():
-    """A table row with the teacher's keywords loads the pickle strictly (the row SPEC §6 needs for fmnist)."""
+    """A table row with the teacher's keywords loads the pickle strictly (the row design §6 needs for fmnist)."""
     row = BACKBONES["fmnist"]
     assert row.path == "assets/fmnist-teacher.pkl" and (row.resolution, row.channels, row.label_dim) == (32, 1, 0)
     assert {k: row.network_kwargs[k] for k in TEACHER_KWARGS} == TEACHER_KWARGS

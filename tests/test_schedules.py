@@ -1,4 +1,4 @@
-"""Schedules (SPEC §3): endpoints, monotonicity, and each formula against an independent numpy computation."""
+"""Schedules (design §3): endpoints, monotonicity, and each formula against an independent numpy computation."""
 
 import math
 
@@ -107,7 +107,7 @@ def test_discrete_follows_spec_formula(sigma_max_from_net):
     assert t.dtype == torch.float32 and t.shape == (n,)
 
     t_max, t_min = sigma_inv_np(sigma_max), sigma_inv_np(sigma_min)
-    tau = (t_max + np.arange(n) / (n - 1) * (t_min ** (1 / rho) - t_max)) ** rho  # t_max not raised (SPEC §3)
+    tau = (t_max + np.arange(n) / (n - 1) * (t_min ** (1 / rho) - t_max)) ** rho  # t_max not raised (design §3)
     np.testing.assert_allclose(t.double().numpy(), sigma_np(tau), rtol=1e-5)
     assert t[-1].item() == pytest.approx(sigma_min, rel=1e-4)
     if sigma_max_from_net:  # t_max = 1, so the quirk is invisible and t_0 = sigma(1)

@@ -1,4 +1,4 @@
-"""The solver library (SPEC §4): convergence orders on Gaussian data, agreement on a Gaussian mixture, AFS and
+"""The solver library (design §4): convergence orders on Gaussian data, agreement on a Gaussian mixture, AFS and
 NFE accounting, trajectories, argument forwarding, thresholding, and bad input."""
 
 import inspect
@@ -272,7 +272,7 @@ def test_afs_saves_exactly_one_call_and_nfe_of_counts(name, options, num_steps):
 
 
 def test_nfe_of_values():
-    assert nfe_of("euler", 4, afs=True) == 2                          # SPEC §4: num_steps - 2 with AFS
+    assert nfe_of("euler", 4, afs=True) == 2                          # design §4: num_steps - 2 with AFS
     assert nfe_of("euler", 4) == 3
     assert nfe_of("heun", 4) == 6 and nfe_of("dpm", 4, afs=True) == 5
     assert nfe_of("dpmpp", 6, max_order=3, predict_x0=True, lower_order_final=True) == 5

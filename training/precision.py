@@ -4,7 +4,7 @@
 - precision 'bf16': torch.autocast to bfloat16 around every network call (no loss scaling needed).
 - precision 'fp32': plain float32, the reference path.
 Mixed precision is only armed on CUDA (or when a test forces it). A non-finite loss switches the run to fp32
-for good (SPEC §5). `channels_last` and `compile` change how the same numbers are computed, not which.
+for good (design §5). `channels_last` and `compile` change how the same numbers are computed, not which.
 """
 
 import contextlib

@@ -345,7 +345,7 @@ def training_loop(
 
 def sfd_iteration(student, optimizer, teacher, latents, schedule, teacher_cfg, afs, labels=None, conds=None,
                   step_condition=None, perceptual=None, teacher_batch=None, no_sync=None, mode=None, nonfinite=None):
-    """One SFD iteration (paper Alg. 1, SPEC §5) on given unit-Gaussian latents, one tensor per accumulation round.
+    """One SFD iteration (paper Alg. 1, design §5) on given unit-Gaussian latents, one tensor per accumulation round.
 
     The frozen teacher draws its trajectory without gradients (`batched_teacher`). Then, for each student interval
     i, the student takes ONE Euler step from its own detached previous output (x_0 = latents·t_0) to t_{i+1}; the

@@ -1,4 +1,4 @@
-"""Latent-space backbones: the LDMs on LSUN bedrooms / FFHQ and Stable Diffusion v1.5 (SPEC §6).
+"""Latent-space backbones: the LDMs on LSUN bedrooms / FFHQ and Stable Diffusion v1.5 (design §6).
 
     unet.py         CompVis' U-Net with its parameter names (+ SFD-v's nfe_embed / emb_nfe_layers)
     precond.py      VP discrete preconditioning, classifier-free guidance, decoding, prompts, captions

@@ -1,4 +1,4 @@
-"""VP discrete preconditioning of LDM / Stable Diffusion U-Nets (SPEC §6) and the denoisers SFD trains.
+"""VP discrete preconditioning of LDM / Stable Diffusion U-Nets (design §6) and the denoisers SFD trains.
 
 The U-Net predicts the noise eps of x_t = alpha_t y + sigma_t n at the discrete timestep. In the VE form used
 everywhere else (x = y + sigma n, sigma = sigma_t / alpha_t):
@@ -83,7 +83,7 @@ class LatentDiffusionPrecond(RecordedModule):
         self.model.diffusion_model = LatentUNet(**config["unet"], use_step_condition=use_step_condition)
         self._frozen = _FrozenParts()
 
-    # -- time <-> noise level (SPEC §3 'discrete', §6) ------------------------------------------------
+    # -- time <-> noise level (design §3 'discrete', §6) ------------------------------------------------
 
     def _knots(self, device):
         log_alpha = 0.5 * self.alphas_cumprod.to(device=device, dtype=torch.float64).log()
@@ -243,7 +243,7 @@ class TextToImagePrecond(LatentDiffusionPrecond):
         return condition.to(device), None if uncond is None else uncond.to(device)
 
     def captions_for_seeds(self, seeds):
-        """The caption of row `seed` of the caption CSV for every seed (SPEC §7)."""
+        """The caption of row `seed` of the caption CSV for every seed (design §7)."""
         captions = self._captions()
         bad = [s for s in seeds if not 0 <= s < len(captions)]
         if bad:
