@@ -152,25 +152,10 @@ def training_loop(
     loaded, teacher_cfg, use_step_condition, guidance_type = dist.rank0_first(lambda: load_teacher(
         dataset_name, model_path, is_second_stage, use_step_condition, sampler_tea, max_order, predict_x0,
         lower_order_final, thresholding, schedule_type, schedule_rho, guidance_type, device, cache_root))
-    schedule_type, schedule_rho = teacher_cfg.schedule_type, teacher_cfg.schedule_rho
     if callable(run_dir):
         run_dir = run_dir()
-    net = loaded.net
-    model_source = loaded.settings.get("model_source", "edm")
-    sigma_min, sigma_max = teacher_cfg.sigma_min, teacher_cfg.sigma_max
-
-    teacher = copy.deepcopy(net).eval().requires_grad_(False)
-    if loaded.student_unet is not None:  # the paper: teacher on the EMA weights, student from the live ones
-        from models.latent.loading import copy_unet_weights
-
-        copy_unet_weights(net.model.diffusion_model, *loaded.student_unet)
-        loaded.student_unet = None
-    if use_step_condition and not is_second_stage:
-        teacher.ignore_step_condition()  # fresh step layers must not disturb the pre-trained teacher
-    net.train().requires_grad_(True)
-    for module in (net, teacher):
-        if hasattr(module, "guidance_rate"):
-            module.guidance_rate = 1.0  # SD trains on the conditional prediction only; sampling uses guidance_rate
+    sfdv = use_step_condition and not is_second_stage  # a new student length every iteration
+    net, teacher = split_teacher(loaded, freeze_step_layers=sfdv)
     mode = RunMode(precision, device, (net, teacher), armed_on_cpu=mixed_on_cpu)
     for module in (net, teacher):
         prepare_module(module, channels_last=channels_last)
@@ -178,18 +163,16 @@ def training_loop(
                 f"{batch_gpu} per round × {num_rounds} rounds × {world} ranks | device {device}")
 
     perceptual = None
-    if is_second_stage and model_source == "edm" and lpips:
+    if is_second_stage and loaded.settings.get("model_source", "edm") == "edm" and lpips:
         perceptual = dist.rank0_first(lambda: PerceptualLoss(device=device, cache_root=cache_root))
-
     settings = dict(
-        dataset_name=loaded.dataset_name, model_source=model_source, num_steps=num_steps, M=M, afs=afs,
-        schedule_type=schedule_type, schedule_rho=schedule_rho, sigma_min=sigma_min, sigma_max=sigma_max,
+        dataset_name=loaded.dataset_name, model_source=loaded.settings.get("model_source", "edm"),
+        num_steps=num_steps, M=M, afs=afs, schedule_type=teacher_cfg.schedule_type,
+        schedule_rho=teacher_cfg.schedule_rho, sigma_min=teacher_cfg.sigma_min, sigma_max=teacher_cfg.sigma_max,
         use_step_condition=use_step_condition, sampler_tea=teacher_cfg.solver, max_order=max_order,
         predict_x0=predict_x0, lower_order_final=lower_order_final, thresholding=thresholding,
-        is_second_stage=is_second_stage,
-        guidance_type=guidance_type, guidance_rate=guidance_rate,
-    )
-    if use_step_condition and not is_second_stage:
+        is_second_stage=is_second_stage, guidance_type=guidance_type, guidance_rate=guidance_rate)
+    if sfdv:
         settings["step_condition_range"] = list(SFDV_NUM_STEPS)
     if is_second_stage:
         settings["first_stage"] = {k: loaded.settings.get(k) for k in SNAPSHOT_SETTINGS if k in loaded.settings}
@@ -204,74 +187,36 @@ def training_loop(
             find_unused_parameters=True)
     student_fn = maybe_compile(ddp, compile)
 
-    fixed_schedule = sfd_loss.make_distill_schedule(num_steps, M, sigma_min, sigma_max, schedule_type,
-                                                    schedule_rho, net=teacher, device=device)
-    shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
-    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    def distill_schedule(steps, teacher_M):
+        return sfd_loss.make_distill_schedule(steps, teacher_M, teacher_cfg.sigma_min, teacher_cfg.sigma_max,
+                                              teacher_cfg.schedule_type, teacher_cfg.schedule_rho, net=teacher,
+                                              device=device)
 
+    fixed_schedule = distill_schedule(num_steps, M)
     cur_nimg, cur_tick = 0, 0
     stats_file = os.path.join(run_dir, "stats.jsonl") if run_dir else None
     if resume_state is not None:
-        state = train_state.load_training_state(resume_state)
-        net.load_state_dict(state["net"])
-        optimizer.load_state_dict(state["optimizer"])  # carries the current LR, i.e. the LR phase
-        cur_nimg, cur_tick = state["cur_nimg"], state["cur_tick"]
-        train_state.restore_step_rng(step_rng, state["step_rng"])
-        if not state["use_mixed"]:
-            mode.fall_back_to_fp32()
-        if len(state["rank_rng"]) == world:
-            train_state.restore_rng(state["rank_rng"][rank], device)
-        else:
-            dist.print0(f"Note: the dump was written by {len(state['rank_rng'])} ranks and this run has {world}: "
-                        f"the per-rank random streams (latents) start afresh instead of continuing.")
-        if run_dir:
-            train_state.remove_stale_temporaries(run_dir)
-            train_state.trim_stats(stats_file, cur_nimg / 1000)
-        dist.print0(f"Resuming from {resume_state} at {cur_nimg / 1000:g} kimg (tick {cur_tick}).")
+        cur_nimg, cur_tick = resume(resume_state, net, optimizer, step_rng, mode, device, run_dir, stats_file)
     dist.print0(f"Training for {total_kimg} kimg...")
-    tick_start_nimg, tick_start_time = cur_nimg, time.time()
-    max_steps = SFDV_NUM_STEPS[1] if (use_step_condition and not is_second_stage) else num_steps
-    loss_sum = torch.zeros(max_steps - 1, device=device)
-    loss_count = torch.zeros(max_steps - 1, device=device)
+    log = TickLog(SFDV_NUM_STEPS[1] if sfdv else num_steps, device, total_kimg, cur_nimg, stats_file,
+                  start_time, progress and rank == 0)
     nonfinite = NonFiniteWatch(device, distributed=dist.is_distributed())  # any NaN/inf loss so far
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_kimg, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True, leave=False,
-                   bar_format="{l_bar}{bar}| {n:.3g}/{total:g} kimg [{elapsed}<{remaining}]{postfix}")
 
     while True:
         # SFD-v: a fresh student length (and matching teacher density) each iteration.
-        if use_step_condition and not is_second_stage:
-            cur_steps = draw_sfdv_num_steps(step_rng)
-            schedule = sfd_loss.make_distill_schedule(cur_steps, sfd_loss.SFDV_TEACHER_M, sigma_min, sigma_max,
-                                                      schedule_type, schedule_rho, net=teacher, device=device)
-        else:
-            cur_steps, schedule = num_steps, fixed_schedule
+        cur_steps = draw_sfdv_num_steps(step_rng) if sfdv else num_steps
+        schedule = distill_schedule(cur_steps, sfd_loss.SFDV_TEACHER_M) if sfdv else fixed_schedule
         # As a tensor, not a Python int: a compiled student then runs one graph for every step count (an int is
-        # a constant to torch.compile, one recompilation per value of 4..7).
+        # a constant to torch.compile, one recompilation per value of the SFD-v range).
         step_condition = (torch.full([batch_gpu], float(cur_steps), device=device) if use_step_condition
                           else None)
-
-        latents = [torch.randn(shape, device=device) for _ in range(num_rounds)]
-        labels = [None] * num_rounds
-        if label_dim:
-            eye = torch.eye(label_dim, device=device)
-            labels = [eye[torch.randint(label_dim, size=[batch_gpu], device=device)] for _ in range(num_rounds)]
-        # Text-conditioned backbones (SD) draw their own training conditions, e.g. random captions.
-        conds = [(None, None)] * num_rounds
-        if hasattr(net, "draw_conditions"):
-            conds = [net.draw_conditions(batch_gpu, device) for _ in range(num_rounds)]
+        latents, labels, conds = draw_inputs(net, batch_gpu, num_rounds, device)
         result = sfd_iteration(student_fn, optimizer, teacher_fn, latents, schedule, teacher_cfg, afs,
                                labels=labels, conds=conds, step_condition=step_condition, perceptual=perceptual,
                                teacher_batch=teacher_batch or batch_gpu,
                                no_sync=ddp.no_sync if dist.is_distributed() else None, mode=mode,
                                nonfinite=nonfinite)
-        for i, per_round in enumerate(result.losses):
-            for loss in per_round:
-                loss_sum[i] += loss.mean() / num_rounds
-            loss_count[i] += 1
+        log.add(result.losses)
         if mode.mixed:
             nonfinite.publish()
 
@@ -282,65 +227,155 @@ def training_loop(
 
         cur_nimg += batch_size
         done = cur_nimg >= total_kimg * 1000
-        if bar is not None:
-            bar.update(batch_size / 1000)
-        if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+        log.advance(batch_size)
+        if not done and cur_nimg < log.tick_start_nimg + kimg_per_tick * 1000:
             continue
 
-        # Tick: status line, stats, snapshot.
-        tick_time = time.time() - tick_start_time
-        sec_per_kimg = tick_time / max(cur_nimg - tick_start_nimg, 1) * 1000
-        per_step = (dist.all_reduce_mean(loss_sum) / loss_count.clamp(min=1)).tolist()
         if mode.mixed and nonfinite.seen(now=True):  # the loop synchronises here anyway (stats, snapshots)
             fall_back(mode)
-        seen = loss_count.tolist()
-        eta = sec_per_kimg * (total_kimg - cur_nimg / 1000)
+        log.write(cur_tick, cur_nimg, optimizer.param_groups[0]["lr"], mode)
+        if (snapshot_ticks and cur_tick % snapshot_ticks == 0 and cur_tick > 0) or done:
+            check_ranks_in_sync(net)
+            if rank == 0 and run_dir:
+                save_snapshot(os.path.join(run_dir, f"network-snapshot-{cur_nimg // 1000:06d}.safetensors"), net,
+                              settings)
+            dist.barrier()
+        cur_tick += 1
+        if state_dump_ticks and (cur_tick % state_dump_ticks == 0 or done):
+            dump_state(run_dir, net, optimizer, cur_nimg, cur_tick, step_rng, mode, device)
+        if done:
+            break
+
+    log.close()
+    dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {cli.format_time(time.time() - start_time)}.")
+    return dnnlib.EasyDict(net=net, teacher=teacher, settings=settings, run_dir=run_dir, kimg=cur_nimg / 1000)
+
+
+def split_teacher(loaded, freeze_step_layers):
+    """(student, frozen teacher) from the loaded network. The teacher runs on the loaded weights (a latent model's
+    EMA weights); the student starts from the live weights where the checkpoint has them, as the paper does."""
+    net = loaded.net
+    teacher = copy.deepcopy(net).eval().requires_grad_(False)
+    if loaded.student_unet is not None:
+        from models.latent.loading import copy_unet_weights
+
+        copy_unet_weights(net.model.diffusion_model, *loaded.student_unet)
+        loaded.student_unet = None
+    if freeze_step_layers:
+        teacher.ignore_step_condition()  # fresh step layers must not disturb the pre-trained teacher
+    net.train().requires_grad_(True)
+    for module in (net, teacher):
+        if hasattr(module, "guidance_rate"):
+            module.guidance_rate = 1.0  # SD trains on the conditional prediction only; sampling uses guidance_rate
+    return net, teacher
+
+
+def draw_inputs(net, batch_gpu, num_rounds, device):
+    """Per accumulation round: unit latents, one-hot labels (class-conditional nets) and conditions (text nets)."""
+    shape = [batch_gpu, net.img_channels, net.img_resolution, net.img_resolution]
+    latents = [torch.randn(shape, device=device) for _ in range(num_rounds)]
+    labels = [None] * num_rounds
+    label_dim = int(getattr(net, "label_dim", 0) or 0)
+    if label_dim:
+        eye = torch.eye(label_dim, device=device)
+        labels = [eye[torch.randint(label_dim, size=[batch_gpu], device=device)] for _ in range(num_rounds)]
+    conds = [(None, None)] * num_rounds
+    if hasattr(net, "draw_conditions"):  # text-conditioned backbones (SD) draw e.g. random captions
+        conds = [net.draw_conditions(batch_gpu, device) for _ in range(num_rounds)]
+    return latents, labels, conds
+
+
+def resume(path, net, optimizer, step_rng, mode, device, run_dir, stats_file):
+    """Load a training-state dump into the run; returns (cur_nimg, cur_tick)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = train_state.load_training_state(path)
+    net.load_state_dict(state["net"])
+    optimizer.load_state_dict(state["optimizer"])  # carries the current LR, i.e. the LR phase
+    train_state.restore_step_rng(step_rng, state["step_rng"])
+    if not state["use_mixed"]:
+        mode.fall_back_to_fp32()
+    if len(state["rank_rng"]) == world:
+        train_state.restore_rng(state["rank_rng"][rank], device)
+    else:
+        dist.print0(f"Note: the dump was written by {len(state['rank_rng'])} ranks and this run has {world}: "
+                    f"the per-rank random streams (latents) start afresh instead of continuing.")
+    if run_dir:
+        train_state.remove_stale_temporaries(run_dir)
+        train_state.trim_stats(stats_file, state["cur_nimg"] / 1000)
+    dist.print0(f"Resuming from {path} at {state['cur_nimg'] / 1000:g} kimg (tick {state['cur_tick']}).")
+    return state["cur_nimg"], state["cur_tick"]
+
+
+def dump_state(run_dir, net, optimizer, cur_nimg, cur_tick, step_rng, mode, device):
+    """Write a resumable training state (rank 0), with every rank's random streams."""
+    rank_rng = [train_state.capture_rng(device)]
+    if dist.is_distributed():
+        rank_rng = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(rank_rng, train_state.capture_rng(device))
+    if dist.get_rank() == 0 and run_dir:
+        train_state.save_training_state(
+            os.path.join(run_dir, f"training-state-{cur_nimg // 1000:06d}.pt"), net=net, optimizer=optimizer,
+            cur_nimg=cur_nimg, cur_tick=cur_tick, step_rng=step_rng, use_mixed=mode.mixed, rank_rng=rank_rng)
+    dist.barrier()
+
+
+class TickLog:
+    """Per-step losses averaged over a tick, the status line, stats.jsonl and the progress bar."""
+
+    def __init__(self, max_steps, device, total_kimg, cur_nimg, stats_file, start_time, progress):
+        self.loss_sum = torch.zeros(max_steps - 1, device=device)
+        self.loss_count = torch.zeros(max_steps - 1, device=device)
+        self.device, self.total_kimg, self.stats_file, self.start_time = device, total_kimg, stats_file, start_time
+        self.tick_start_nimg, self.tick_start_time = cur_nimg, time.time()
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_kimg, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n:.3g}/{total:g} kimg [{elapsed}<{remaining}]{postfix}")
+
+    def add(self, losses):
+        """losses[step][round]: the iteration's detached loss maps."""
+        for i, per_round in enumerate(losses):
+            for loss in per_round:
+                self.loss_sum[i] += loss.mean() / len(per_round)
+            self.loss_count[i] += 1
+
+    def advance(self, nimg):
+        if self.bar is not None:
+            self.bar.update(nimg / 1000)
+
+    def write(self, cur_tick, cur_nimg, lr, mode):
+        """End a tick: one status line and one stats.jsonl record (rank 0), then start the next tick."""
+        tick_time = time.time() - self.tick_start_time
+        sec_per_kimg = tick_time / max(cur_nimg - self.tick_start_nimg, 1) * 1000
+        per_step = (dist.all_reduce_mean(self.loss_sum) / self.loss_count.clamp(min=1)).tolist()
+        seen = self.loss_count.tolist()
+        eta = sec_per_kimg * (self.total_kimg - cur_nimg / 1000)
         stats = dict(tick=cur_tick, kimg=cur_nimg / 1000, sec_per_kimg=sec_per_kimg,
-                     total_sec=time.time() - start_time, peak_mem_gb=_peak_memory_gb(device),
-                     lr=optimizer.param_groups[0]["lr"], mixed_precision=mode.mixed, precision=mode.precision,
+                     total_sec=time.time() - self.start_time, peak_mem_gb=_peak_memory_gb(self.device),
+                     lr=lr, mixed_precision=mode.mixed, precision=mode.precision,
                      loss={f"step{i}": v for i, (v, n) in enumerate(zip(per_step, seen)) if n > 0})
         loss_text = " ".join(f"{v:.4f}" for v, n in zip(per_step, seen) if n > 0)
         line = (f"tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} loss/step [{loss_text}] sec/kimg "
                 f"{sec_per_kimg:<7.2f} mem {stats['peak_mem_gb']:.2f}GB eta {cli.format_time(eta)}")
-        if bar is not None:
-            bar.write(line)
-            bar.set_postfix_str(f"loss {sum(per_step) / max(1, sum(n > 0 for n in seen)):.4f}")
-        elif rank == 0:
+        if self.bar is not None:
+            self.bar.write(line)
+            self.bar.set_postfix_str(f"loss {sum(per_step) / max(1, sum(n > 0 for n in seen)):.4f}")
+        elif dist.get_rank() == 0:
             print(line, flush=True)
-        if stats_file:
-            with open(stats_file, "a") as f:
+        if self.stats_file:
+            with open(self.stats_file, "a") as f:
                 f.write(json.dumps(dict(stats, timestamp=time.time())) + "\n")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        loss_sum.zero_()
-        loss_count.zero_()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.loss_sum.zero_()
+        self.loss_count.zero_()
+        self.tick_start_nimg, self.tick_start_time = cur_nimg, time.time()
 
-        if (snapshot_ticks and cur_tick % snapshot_ticks == 0 and cur_tick > 0) or done:
-            check_ranks_in_sync(net)
-            if rank == 0 and run_dir:
-                path = os.path.join(run_dir, f"network-snapshot-{cur_nimg // 1000:06d}.safetensors")
-                save_snapshot(path, net, settings)
-            dist.barrier()
-        cur_tick += 1
-        if state_dump_ticks and (cur_tick % state_dump_ticks == 0 or done):
-            rank_rng = [train_state.capture_rng(device)]
-            if dist.is_distributed():
-                rank_rng = [None] * world
-                torch.distributed.all_gather_object(rank_rng, train_state.capture_rng(device))
-            if rank == 0 and run_dir:
-                train_state.save_training_state(
-                    os.path.join(run_dir, f"training-state-{cur_nimg // 1000:06d}.pt"), net=net,
-                    optimizer=optimizer, cur_nimg=cur_nimg, cur_tick=cur_tick, step_rng=step_rng,
-                    use_mixed=mode.mixed, rank_rng=rank_rng)
-            dist.barrier()
-        tick_start_nimg, tick_start_time = cur_nimg, time.time()
-        if done:
-            break
-
-    if bar is not None:
-        bar.close()
-    dist.print0(f"Done: {cur_nimg / 1000:g} kimg in {cli.format_time(time.time() - start_time)}.")
-    return dnnlib.EasyDict(net=net, teacher=teacher, settings=settings, run_dir=run_dir, kimg=cur_nimg / 1000)
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def sfd_iteration(student, optimizer, teacher, latents, schedule, teacher_cfg, afs, labels=None, conds=None,
