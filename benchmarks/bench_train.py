@@ -18,7 +18,7 @@ Examples:
 python benchmarks/bench_train.py --batch=128 --warmup_kimg=0.5 --kimg=2
 
 \b
-# fp32, and SFD-v (step layers, num_steps drawn from 4..7 each iteration)
+# fp32, and SFD-v (step layers, num_steps drawn from the SFD-v range each iteration)
 python benchmarks/bench_train.py --precision=fp32
 python benchmarks/bench_train.py --use_step_condition
 
@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
+import solvers  # noqa: E402
 from training.precision import PRECISIONS  # noqa: E402
 
 
@@ -242,7 +243,8 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
 
 @click.command(help=__doc__)
 @click.option("--tiny", is_flag=True, help="A very small SongUNet instead of the cifar10 architecture (CPU runs)")
-@click.option("--use_step_condition", is_flag=True, help="SFD-v: step layers, num_steps drawn from 4..7 per iteration")
+@click.option("--use_step_condition", is_flag=True,
+              help="SFD-v: step layers, num_steps drawn from training.sfd_loss.SFDV_NUM_STEPS per iteration")
 @click.option("--batch", type=click.IntRange(min=1), default=128, show_default=True, help="Trajectories per iteration")
 @click.option("--warmup_kimg", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Not measured (rounded up to whole iterations, at least one)")
@@ -251,7 +253,8 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
 @click.option("--num_steps", type=click.IntRange(min=2), default=4, show_default=True, help="Student time points")
 @click.option("--M", "M", type=click.IntRange(min=0), default=3, show_default=True, help="Teacher points inserted")
 @click.option("--afs/--no-afs", default=True, show_default=True, help="Analytical first step")
-@click.option("--sampler_tea", default="dpmpp", show_default=True, help="Teacher solver")
+@click.option("--sampler_tea", type=click.Choice(sorted(solvers.SOLVERS)), default="dpmpp", show_default=True,
+              help="Teacher solver")
 @click.option("--max_order", type=int, default=3, show_default=True, help="Teacher multistep order")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="training_loop's precision (train.py's --precision; mixed precision on CUDA only)")

@@ -48,6 +48,7 @@ from sample import SeedGenerators, to_uint8  # noqa: E402
 from torch_utils.cli import CommandError  # noqa: E402
 from training import state as train_state  # noqa: E402
 from training.precision import maybe_compile, prepare_module  # noqa: E402
+from training.sfd_loss import SFDV_NUM_STEPS  # noqa: E402
 from training.training_loop import training_loop  # noqa: E402
 
 ASSETS = os.path.join(REPO, "assets")
@@ -55,7 +56,8 @@ ASSETS = os.path.join(REPO, "assets")
 # Row keys in table order; `--rows` takes a comma-separated subset.
 ROW_KEYS = ("ref", "ddim10", "ddim50", "dpmpp5", "dpmpp10", "sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
 DISTILLED = ("sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
-SFDV_NFES = (2, 3, 4, 5)
+# SFD-v's one model, sampled (with AFS) at every num_steps it was trained for.
+SFDV_NFES = tuple(solvers.nfe_of("euler", n, afs=True) for n in range(SFDV_NUM_STEPS[0], SFDV_NUM_STEPS[1] + 1))
 CURVE_KEY = "sfd2"
 
 
