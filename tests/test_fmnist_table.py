@@ -105,7 +105,7 @@ def test_table_bad_options_are_one_line_errors(tmp_path, tiny, option, value, wo
 
 @pytest.mark.slow
 def test_sfd2_curve_scores_each_snapshot_and_plots(tmp_path, tiny):
-    pytest.importorskip("matplotlib")  # requirements-experiments.txt; CI installs it
+    pytest.importorskip("matplotlib")  # experiments/requirements.txt; CI installs it
     work, out = tmp_path / "work", tmp_path / "t.md"
     args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "dpmpp5,sfd2", "--kimg", "3",
                    "--batch", "512", "--curve_every", "1", "--plots"]
