@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.nn.functional import silu
 
-# Module names that exist only in SFD-v networks (a plain checkpoint has none of them).
-STEP_LAYER_NAMES = ("map_step", "map_step_layer0", "map_step_layer1", "affine_step")
+# Module names that exist only in SFD-v networks (a plain checkpoint has none of them): those of EDM's U-Nets, then
+# those of the OpenAI/CompVis U-Net (models/unet.py), as in the paper's code.
+STEP_LAYER_NAMES = ("map_step", "map_step_layer0", "map_step_layer1", "affine_step", "nfe_embed", "emb_nfe_layers")
 
 
 def is_step_layer_key(key):

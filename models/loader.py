@@ -101,9 +101,9 @@ def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_c
             net = persistence.build_from_record(record, **overrides)
         settings = _pretrained_settings(dataset_name, sigma_min, sigma_max, use_step_condition, model_path)
         return _finish(net, settings, dataset_name, "edm_pickle", model_path, device)
-    if kind in ("safetensors", "torch_legacy"):
+    if kind in ("safetensors", "torch_legacy", "torch_zip"):
         raise ValueError(f"{model_path} is a checkpoint of another program (not an SFD snapshot or EDM pickle); for "
-                         f"an LDM / Stable Diffusion checkpoint pass its --dataset_name too")
+                         f"an LDM, Stable Diffusion or lsun_bedroom checkpoint pass its --dataset_name too")
     raise ValueError(f"{model_path} is neither an SFD snapshot (.safetensors) nor an EDM network pickle (.pkl)")
 
 
@@ -116,10 +116,29 @@ def _build_edm(row, path, use_step_condition):
     return net, _pretrained_settings(row.dataset_name, row.sigma_min, row.sigma_max, use_step_condition, path)
 
 
+def _build_state_dict_file(row, model_path, use_step_condition, cache_root):
+    """A network released as a plain tensor dict (torch.save of a state_dict, the U-Net's own keys): read without
+    running code (weights_only), then copied strictly into the row's network (cast to its float32)."""
+    path = model_path or _backbone_file(row, cache_root)
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(2) == b"PK"  # zip files are memory-mapped instead of read twice
+        tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} cannot be read as a tensor dictionary ({type(e).__name__}: {first})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{path} is not a plain tensor dictionary, the layout of {row.file_name}")
+    with torch.random.fork_rng(devices=[]):
+        net = NETWORK_CLASSES[row.network_class](**dict(row.interface_kwargs(), use_step_condition=use_step_condition))
+    load_state_strict(net, {f"model.{k}": v for k, v in tensors.items()}, source=path)
+    return net, _pretrained_settings(row.dataset_name, row.sigma_min, row.sigma_max, use_step_condition, path)
+
+
 # Backbone family -> builder(row, path, use_step_condition) -> (net, settings). LDM / SD add theirs.
-_FAMILY_BUILDERS = {"edm": _build_edm}
+_FAMILY_BUILDERS = {"edm": _build_edm, "state_dict": _build_state_dict_file}
 # Families whose builder locates its own files: builder(row, model_path or None, use_step_condition, cache_root).
-_SELF_LOCATING = set()
+_SELF_LOCATING = {"state_dict"}
 
 
 def register_family(family, builder, finds_files=False):
@@ -161,6 +180,8 @@ def _sniff(path):
             return "torch_legacy"
         if head[:1] == b"\x80":  # pickle protocol >= 2
             return "pickle"
+        if head[:2] == b"PK":  # torch.save's zip format
+            return "torch_zip"
         if len(head) >= 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then the JSON header
             f.seek(0)
             size = int.from_bytes(f.read(8), "little")

@@ -17,7 +17,12 @@ import numbers
 import numpy as np
 import torch
 
-from .edm import UNET_CLASSES, RecordedModule
+from . import edm
+from .edm import RecordedModule
+from .unet import OpenAIUNet
+
+# model_type (as recorded in EDM checkpoints and our snapshots) -> U-Net class.
+UNET_CLASSES = {**edm.UNET_CLASSES, "OpenAIUNet": OpenAIUNet}
 
 
 def per_sample(value, batch, device, option):

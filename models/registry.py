@@ -99,6 +99,17 @@ BACKBONES.update((row.dataset_name, row) for row in (
              description="Stable Diffusion v1.5, 512x512 (64x64x4 latents), CLIP ViT-L/14 text, classifier-free guidance"),
 ))
 
+# Consistency Models' EDM teacher on LSUN Bedroom 256 (loader family 'state_dict': a plain tensor dict). The paper's
+# list names it but its code never builds it. EDM preconditioning over OpenAI's U-Net (models/unet.py, settings as
+# released); the noise range is the paper's for its EDM teachers, 0.006..80 (Consistency Models sample from 0.002).
+BACKBONES["lsun_bedroom"] = Backbone(
+    dataset_name="lsun_bedroom", family="state_dict", file_name="edm_bedroom256_ema.pt",
+    url="https://openaipublic.blob.core.windows.net/consistency/edm_bedroom256_ema.pt",
+    resolution=256, channels=3, label_dim=0, sigma_min=0.006, sigma_max=80.0,
+    network_kwargs=dict(model_type="OpenAIUNet", model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2,
+                        attn_resolutions=[32, 16, 8], channels_per_head=64, dropout=0.1, use_fp16=False),
+    description="EDM on LSUN Bedroom 256x256 (Consistency Models' teacher, OpenAI U-Net), unconditional")
+
 
 # The built-in teacher shipped with the code (experiments/train_teacher.py on Fashion-MNIST; see assets/README.md): the
 # offline quickstart and the reproducible table run on it.

@@ -14,7 +14,7 @@ from models.latent.checkpoints import SCHEDULE_BUFFERS, ema_name
 from models.latent.first_stage import build_first_stage, compvis_name, is_attention_matrix
 from models.latent.checkpoints import alphas_cumprod_of
 from models.latent.text import build_text_encoder
-from models.latent.unet import LatentUNet
+from models.unet import LatentUNet
 from models.registry import Backbone
 
 TINY_LDM = dict(

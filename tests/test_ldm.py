@@ -19,7 +19,7 @@ from models import BACKBONES, load_network, load_snapshot
 from models.latent.checkpoints import read_state_dict
 from models.latent.checkpoints import alphas_cumprod_of
 from models.latent.precond import LatentDiffusionPrecond
-from models.latent.unet import AttentionBlock
+from models.unet import AttentionBlock
 from tests.latent_tiny import (TINY_LDM, compvis_state, first_stage_compvis, reference_parts, tiny_row, write_ckpt,
                                write_zip)
 

@@ -20,7 +20,8 @@ from models.latent.checkpoints import SCHEDULE_BUFFERS, ema_name, text_name
 from models.latent.first_stage import build_first_stage, compvis_name, is_attention_matrix
 from models.latent.loading import load_config
 from models.latent.text import build_text_encoder
-from models.latent.unet import LatentUNet, is_step_layer_key
+from models.edm import is_step_layer_key
+from models.unet import LatentUNet
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "manifests")
 

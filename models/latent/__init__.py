@@ -14,7 +14,7 @@ snapshot format. diffusers / transformers are imported only when a first stage o
 from ..loader import register_family
 from .loading import build_latent, load_config
 from .precond import LatentDiffusionPrecond, TextToImagePrecond
-from .unet import LatentUNet
+from ..unet import LatentUNet
 
 register_family("latent", build_latent, finds_files=True)
 

@@ -26,7 +26,7 @@ from .checkpoints import (EMA_PREFIX, FIRST_STAGE_PREFIX, IGNORABLE, SCHEDULE_BU
                           sniff, take_strict, unet_compvis_name, with_prefix)
 from .first_stage import build_first_stage, compvis_name, is_attention_matrix, modern_diffusers_name
 from .text import PromptEncoder, build_text_encoder, load_text_weights
-from .unet import is_step_layer_key
+from ..edm import is_step_layer_key
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CAPTIONS_ENV = "SFD_COCO_CAPTIONS"

@@ -23,7 +23,7 @@ from ..edm import RecordedModule
 from ..precond import per_sample
 from ..snapshot import register_network_class
 from .checkpoints import alphas_cumprod_of
-from .unet import LatentUNet
+from ..unet import LatentUNet
 
 
 def _interp(x, xp, fp):

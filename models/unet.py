@@ -1,32 +1,29 @@
-"""The latent-diffusion U-Net (Rombach et al. 2022) with CompVis' parameter names, plus SFD-v's step layers.
+"""OpenAI's U-Net (Dhariwal & Nichol's UNetModel, as CompVis and Consistency Models ship it) with those parameter
+names, plus SFD-v's step layers.
 
-One class covers both backbones SFD distils in latent space:
+`LatentUNet` covers the backbones SFD distils in latent space:
   - the unconditional LDM U-Net of the LSUN-bedroom / FFHQ checkpoints: "legacy" self-attention blocks
     (`norm`, fused `qkv`, `proj_out`) whose fused qkv is laid out head by head;
   - the Stable Diffusion v1 U-Net: cross-attention "spatial transformers" fed the CLIP text embedding.
+`OpenAIUNet` is the pixel-space `lsun_bedroom` teacher (see its section below).
 
-Module names and nesting follow CompVis' `openaimodel.UNetModel` (input_blocks.i.j, middle_block, output_blocks,
-in_layers/emb_layers/out_layers, ...), so `model.diffusion_model.*` of a released checkpoint loads by name,
-with no renaming and no splitting of the fused qkv. Weights start from PyTorch's default init; released
-checkpoints overwrite everything but SFD-v's layers.
+Module names and nesting follow `UNetModel` (input_blocks.i.j, middle_block, output_blocks,
+in_layers/emb_layers/out_layers, ...), so a released checkpoint loads by name, with no renaming and no splitting
+of the fused qkv. Weights start from PyTorch's default init; released checkpoints overwrite everything but
+SFD-v's layers.
 
 SFD-v (SFD paper, "variable NFEs"): with `use_step_condition=True` the step number goes through the same
 sinusoidal embedding as the timestep and an MLP `nfe_embed`, and every ResBlock adds `emb_nfe_layers(emb_nfe)`
 next to its timestep term, as in the paper's code (names included).
 """
-
 import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-STEP_LAYER_NAMES = ("nfe_embed", "emb_nfe_layers")
+from .edm import RecordedModule
 
-
-def is_step_layer_key(key):
-    """True for a state_dict key of an SFD-v step layer of this U-Net."""
-    return any(part in STEP_LAYER_NAMES for part in key.split("."))
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -51,13 +48,22 @@ def normalization(channels):
     return GroupNorm32(32, channels)
 
 
+def _resample(x, updown):
+    """OpenAI's parameter-free 2x resampling: average pooling down, nearest-neighbour up."""
+    if updown == "down":
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
 class ResBlock(nn.Module):
     """Residual block; h = conv(act(norm(x))) + emb term (+ step term), then a second conv. No scale-shift
-    norm: none of the configurations SFD uses turns it on."""
+    norm: none of the configurations SFD uses turns it on. updown 'down'/'up': a resampling block that resizes
+    both paths after the first normalisation (OpenAI's resblock_updown)."""
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_step_condition=False):
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_step_condition=False, updown=None):
         super().__init__()
         out_channels = out_channels or channels
+        self.updown = updown
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
@@ -68,7 +74,11 @@ class ResBlock(nn.Module):
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x, emb, emb_nfe=None):
-        h = self.in_layers(x)
+        if self.updown is None:
+            h = self.in_layers(x)
+        else:
+            h = self.in_layers[-1](_resample(self.in_layers[:-1](x), self.updown))
+            x = _resample(x, self.updown)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
         if emb_nfe is not None:
             h = h + self.emb_nfe_layers(emb_nfe).to(h.dtype)[:, :, None, None]
@@ -76,27 +86,35 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """LDM's legacy self-attention: one 1x1 conv gives qkv laid out as [head][q|k|v][channel]."""
+    """Self-attention with one fused 1x1-conv qkv. layout 'legacy' (LDM): qkv channels are [head][q|k|v][channel];
+    'split' (OpenAI's flash layout, Consistency Models): [q|k|v][head][channel]. conv_dims: 1 (LDM's Conv1d
+    weights) or 2 (Conv2d)."""
 
-    def __init__(self, channels, num_heads):
+    def __init__(self, channels, num_heads, layout="legacy", conv_dims=1):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
-        self.num_heads = num_heads
+        if layout not in ("legacy", "split") or conv_dims not in (1, 2):
+            raise ValueError(f"attention: layout {layout!r} / conv_dims {conv_dims!r} not in legacy|split / 1|2")
+        self.num_heads, self.layout, self.conv_dims = num_heads, layout, conv_dims
+        conv = nn.Conv1d if conv_dims == 1 else nn.Conv2d
         self.norm = normalization(channels)
-        self.qkv = nn.Conv1d(channels, channels * 3, 1)
-        self.proj_out = nn.Conv1d(channels, channels, 1)
+        self.qkv = conv(channels, channels * 3, 1)
+        self.proj_out = conv(channels, channels, 1)
 
     def forward(self, x, *unused):
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        length = qkv.shape[-1]
-        # Per head first, then q/k/v within the head (the "legacy" order of the released weights).
-        q, k, v = qkv.reshape(b * self.num_heads, 3 * c // self.num_heads, length).chunk(3, dim=1)
+        flat = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(flat if self.conv_dims == 1 else x)).reshape(b, 3 * c, -1)
+        length, heads = qkv.shape[-1], self.num_heads
+        if self.layout == "legacy":
+            q, k, v = qkv.reshape(b * heads, 3 * c // heads, length).chunk(3, dim=1)
+        else:
+            q, k, v = (part.reshape(b * heads, c // heads, length) for part in qkv.chunk(3, dim=1))
         h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        h = self.proj_out(h.transpose(1, 2).reshape(b, c, length))
-        return (x + h).reshape(b, c, *spatial)
+        h = h.transpose(1, 2).reshape(b, c, length)
+        h = self.proj_out(h if self.conv_dims == 1 else h.reshape(b, c, *spatial))
+        return (flat + h.reshape(b, c, length)).reshape(b, c, *spatial)
 
 
 class CrossAttention(nn.Module):
@@ -211,7 +229,7 @@ class LatentUNet(nn.Module):
     def __init__(self, in_channels, out_channels, model_channels, num_res_blocks, attention_resolutions,
                  channel_mult=(1, 2, 4, 8), dropout=0.0, num_heads=-1, num_head_channels=-1,
                  use_spatial_transformer=False, transformer_depth=1, context_dim=None, legacy=True,
-                 use_step_condition=False):
+                 use_step_condition=False, resblock_updown=False, attention_layout="legacy", attention_conv_dims=1):
         # `legacy` only changed how CompVis derived the head width; for every configuration here the heads
         # come out as num_heads (or channels // num_head_channels), each channels // heads wide.
         super().__init__()
@@ -226,11 +244,11 @@ class LatentUNet(nn.Module):
         def attention(ch):
             heads = num_heads if num_head_channels == -1 else ch // num_head_channels
             if not use_spatial_transformer:
-                return AttentionBlock(ch, heads)
+                return AttentionBlock(ch, heads, attention_layout, attention_conv_dims)
             return SpatialTransformer(ch, heads, ch // heads, transformer_depth, context_dim)
 
-        def resblock(ch_in, ch_out):
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_step_condition=use_step_condition)
+        def resblock(ch_in, ch_out, updown=None):
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_step_condition=use_step_condition, updown=updown)
 
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if use_step_condition:
@@ -247,7 +265,8 @@ class LatentUNet(nn.Module):
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                self.input_blocks.append(TimestepSequential(resblock(ch, ch, "down") if resblock_updown
+                                                            else Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
 
@@ -261,7 +280,7 @@ class LatentUNet(nn.Module):
                 if ds in attention_resolutions:
                     layers.append(attention(ch))
                 if level and i == num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(resblock(ch, ch, "up") if resblock_updown else Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
 
@@ -281,3 +300,38 @@ class LatentUNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, emb_nfe)
         return self.out(h)
+
+
+# ----------------------------------------------------------------------------
+# The `lsun_bedroom` teacher: the EDM model on LSUN Bedroom 256 released with Consistency Models
+# (`edm_bedroom256_ema.pt`), in the form EDM's preconditioners call. Its settings: resampling by ResBlocks
+# (average pooling down, nearest up), attention with 64-channel heads whose fused qkv is a Conv2d laid out
+# [q|k|v][head][channel], no scale-shift norm; parameter names are the file's keys. The timestep input is
+# 1000 c_noise = 250 ln(sigma), as in Consistency Models' denoiser. diffusers' UNet2DModel expresses the plain
+# network too (the tests use it as the reference), but SFD-v adds a step term inside every ResBlock, for which it
+# has no place; hence this module.
+
+
+class OpenAIUNet(LatentUNet, RecordedModule):
+    """img_resolution, in_channels, out_channels: image size and channels; model_channels * channel_mult[i]:
+    channels of level i; num_blocks: ResBlocks per level; attn_resolutions: resolutions with self-attention (and
+    the middle block); channels_per_head: attention head width; use_step_condition: SFD-v step layers."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, model_channels=256,
+                 channel_mult=(1, 1, 2, 2, 4, 4), num_blocks=2, attn_resolutions=(32, 16, 8), channels_per_head=64,
+                 dropout=0.1, use_step_condition=False):
+        if label_dim:
+            raise ValueError("OpenAIUNet: only the unconditional network (label_dim=0) is supported")
+        downsampling = [img_resolution // res for res in attn_resolutions]
+        super().__init__(in_channels, out_channels, model_channels, num_blocks, downsampling,
+                         channel_mult=channel_mult, dropout=dropout, num_head_channels=channels_per_head,
+                         use_step_condition=use_step_condition, resblock_updown=True, attention_layout="split",
+                         attention_conv_dims=2)
+        self.label_dim = label_dim
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None, step_condition=None):
+        # EDM's use_fp16 hands in float16 activations: run the convolutions in float16 (normalisations stay
+        # float32, as in OpenAI's fp16 mode) and return float32.
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=x.dtype == torch.float16):
+            out = super().forward(x.float(), 1000 * noise_labels, step_condition=step_condition)
+        return out.float()

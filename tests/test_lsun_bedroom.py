@@ -1,0 +1,257 @@
+"""The `lsun_bedroom` backbone (Consistency Models' EDM teacher, OpenAI U-Net): strict loading of a file in the
+release's layout against diffusers' UNet2DModel as the reference, the qkv channel order, the real configuration's
+keys against the manifest, SFD / SFD-v / second stage through train.py and sample.py, and the offline error.
+All on CPU with a tiny configuration of the same architecture."""
+
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+from models import BACKBONES, load_network, load_snapshot
+from models.precond import EDMPrecond
+from models.unet import AttentionBlock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MANIFEST = os.path.join(HERE, "data", "manifests", "lsun_bedroom_cm.tsv.gz")
+# The released settings (resblock up/down, 64-channel heads, Conv2d qkv) at toy widths: 16 px, three levels,
+# attention at 8 and 4 px (4 heads at 64 channels) and in the middle block.
+TINY = dict(model_type="OpenAIUNet", model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8, 4],
+            channels_per_head=16, dropout=0.1, use_fp16=False)
+RES = 16
+
+
+@pytest.fixture
+def tiny_bedroom(tmp_path, monkeypatch):
+    """A `tiny_bedroom` table row with lsun_bedroom's family and loader, its file in the cache as the release
+    stores it (a flat float16 tensor dict under the U-Net's own keys)."""
+    row = dataclasses.replace(BACKBONES["lsun_bedroom"], dataset_name="tiny_bedroom", resolution=RES,
+                              network_kwargs=dict(TINY), url="http://127.0.0.1:9/edm_bedroom256_ema.pt")
+    monkeypatch.setitem(BACKBONES, "tiny_bedroom", row)
+    torch.manual_seed(11)
+    net = EDMPrecond(img_resolution=RES, img_channels=3, **TINY)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {k[len("model."):]: v.half() for k, v in net.state_dict().items()}
+    path = tmp_path / "src" / "tiny_bedroom" / row.file_name
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return row, {k: v.float() for k, v in state.items()}, str(path)
+
+
+def diffusers_reference(state, levels_with_attention, num_blocks):
+    """diffusers' UNet2DModel with the same architecture, loaded strictly from the file's tensors by a key map."""
+    from diffusers import UNet2DModel
+
+    levels = len(levels_with_attention)
+    mapped = {}
+
+    def copy(src, dst, names):
+        for key, value in state.items():
+            for ours, theirs in names.items():
+                if key == f"{src}.{ours}":
+                    mapped[f"{dst}.{theirs}"] = value
+
+    def resnet(src, dst):
+        copy(src, dst, {f"{a}.{p}": f"{b}.{p}" for a, b in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"),
+                                                           ("emb_layers.1", "time_emb_proj"), ("out_layers.0", "norm2"),
+                                                           ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
+                        for p in ("weight", "bias")})
+
+    def attention(src, dst):
+        copy(src, dst, {"norm.weight": "group_norm.weight", "norm.bias": "group_norm.bias"})
+        for p in ("weight", "bias"):
+            q, k, v = state[f"{src}.qkv.{p}"].chunk(3, dim=0)  # [q | k | v]: plain thirds
+            for name, part in (("to_q", q), ("to_k", k), ("to_v", v)):
+                mapped[f"{dst}.{name}.{p}"] = part.reshape(part.shape[0], -1) if p == "weight" else part
+            out = state[f"{src}.proj_out.{p}"]
+            mapped[f"{dst}.to_out.0.{p}"] = out.reshape(out.shape[0], -1) if p == "weight" else out
+
+    copy("time_embed", "time_embedding", {f"{a}.{p}": f"{b}.{p}" for a, b in (("0", "linear_1"), ("2", "linear_2"))
+                                          for p in ("weight", "bias")})
+    copy("input_blocks.0.0", "conv_in", {"weight": "weight", "bias": "bias"})
+    n = 1
+    for level, attends in enumerate(levels_with_attention):
+        for j in range(num_blocks):
+            resnet(f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{j}")
+            if attends:
+                attention(f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{j}")
+            n += 1
+        if level < levels - 1:
+            resnet(f"input_blocks.{n}.0", f"down_blocks.{level}.downsamplers.0")
+            n += 1
+    resnet("middle_block.0", "mid_block.resnets.0")
+    attention("middle_block.1", "mid_block.attentions.0")
+    resnet("middle_block.2", "mid_block.resnets.1")
+    n = 0
+    for up, level in enumerate(reversed(range(levels))):
+        attends = levels_with_attention[level]
+        for j in range(num_blocks + 1):
+            resnet(f"output_blocks.{n}.0", f"up_blocks.{up}.resnets.{j}")
+            if attends:
+                attention(f"output_blocks.{n}.1", f"up_blocks.{up}.attentions.{j}")
+            if level and j == num_blocks:
+                resnet(f"output_blocks.{n}.{2 if attends else 1}", f"up_blocks.{up}.upsamplers.0")
+            n += 1
+    copy("out", "conv_norm_out", {"0.weight": "weight", "0.bias": "bias"})
+    copy("out", "conv_out", {"2.weight": "weight", "2.bias": "bias"})
+
+    widths = [TINY["model_channels"] * m for m in TINY["channel_mult"]]
+    down = ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in levels_with_attention]
+    up = ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(levels_with_attention)]
+    model = UNet2DModel(sample_size=RES, in_channels=3, out_channels=3, block_out_channels=widths,
+                        layers_per_block=num_blocks, down_block_types=down, up_block_types=up,
+                        downsample_type="resnet", upsample_type="resnet", attention_head_dim=TINY["channels_per_head"],
+                        flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5)
+    model.load_state_dict(mapped, strict=True)
+    assert len(mapped) == len(state) + 4 * (2 * num_blocks + 1) * sum(levels_with_attention) + 4  # qkv/proj split
+    return model.eval()
+
+
+def reference_denoiser(unet, x, sigma, sigma_data=0.5):
+    """EDM's scalings around the reference U-Net; its timestep input is 1000 c_noise = 250 ln(sigma)."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    c_skip, c_out = sigma_data ** 2 / (s ** 2 + sigma_data ** 2), s * sigma_data / (s ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (s ** 2 + sigma_data ** 2).sqrt()
+    return c_skip * x + c_out * unet(c_in * x, 250 * sigma.log()).sample
+
+
+def _max_rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_file_loads_strictly_and_denoises_like_diffusers(tiny_bedroom):
+    row, state, path = tiny_bedroom
+    loaded = load_network("tiny_bedroom", model_path=path)
+    net = loaded.net
+    assert loaded.source == "pretrained" and (net.sigma_min, net.sigma_max) == (0.006, 80.0)
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # the float16 file is cast on load
+    for key, value in state.items():
+        assert torch.equal(net.state_dict()[f"model.{key}"], value), key
+    attends = [RES >> level in TINY["attn_resolutions"] for level in range(len(TINY["channel_mult"]))]
+    reference = diffusers_reference(state, attends, TINY["num_blocks"])
+    torch.manual_seed(0)
+    x, sigma = torch.randn(3, 3, RES, RES) * 2, torch.tensor([0.01, 1.3, 60.0])
+    with torch.no_grad():
+        ours, theirs = net(x, sigma), reference_denoiser(reference, x, sigma)
+    assert _max_rel(ours, theirs) < 1e-5, _max_rel(ours, theirs)
+
+    # The same weights read with the LDM's per-head q/k/v order run, but denoise differently: this test sees it.
+    for module in net.modules():
+        if isinstance(module, AttentionBlock):
+            module.layout = "legacy"
+    with torch.no_grad():
+        assert _max_rel(net(x, sigma), theirs) > 1e-2
+
+
+def test_a_wrong_or_incomplete_file_is_one_clear_error(tiny_bedroom, tmp_path):
+    row, state, path = tiny_bedroom
+    broken = dict(state)
+    broken.pop("out.2.bias")
+    broken["input_blocks.0.0.weight"] = broken["input_blocks.0.0.weight"][:8]
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ValueError) as info:
+        load_network("tiny_bedroom", model_path=str(tmp_path / "broken.pt"))
+    message = str(info.value)
+    assert "missing: model.out.2.bias" in message and "model.input_blocks.0.0.weight" in message
+    torch.save({"ema": state}, tmp_path / "wrapped.pt")
+    with pytest.raises(ValueError, match="not a plain tensor dictionary"):
+        load_network("tiny_bedroom", model_path=str(tmp_path / "wrapped.pt"))
+    with pytest.raises(ValueError, match="pass its --dataset_name too"):
+        load_network(model_path=path)
+
+
+def test_real_configuration_matches_the_manifest():
+    row = BACKBONES["lsun_bedroom"]
+    assert (row.resolution, row.channels, row.label_dim, row.family) == (256, 3, 0, "state_dict")
+    assert (row.sigma_min, row.sigma_max) == (0.006, 80.0)
+    assert row.url == "https://openaipublic.blob.core.windows.net/consistency/edm_bedroom256_ema.pt"
+    with torch.device("meta"):
+        net = EDMPrecond(**row.interface_kwargs())
+    ours = {k[len("model."):]: list(v.shape) for k, v in net.state_dict().items()}
+    with gzip.open(MANIFEST, "rt") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    manifest = {key: json.loads(shape) for key, shape, kind in rows}
+    assert ours == manifest
+    assert sum(int(np.prod(s)) for s in manifest.values()) == 526_304_771 == sum(p.numel() for p in net.parameters())
+
+
+def test_step_layers_are_fresh_and_the_plain_teacher_ignores_them(tiny_bedroom):
+    row, state, path = tiny_bedroom
+    plain = load_network("tiny_bedroom", model_path=path).net
+    stepped = load_network("tiny_bedroom", model_path=path, use_step_condition=True).net
+    names = set(stepped.state_dict()) - set(plain.state_dict())
+    assert "model.nfe_embed.0.weight" in names and "model.input_blocks.1.0.emb_nfe_layers.1.weight" in names
+    x, sigma = torch.randn(2, 3, RES, RES), torch.tensor(2.0)
+    with torch.no_grad():
+        assert not torch.allclose(stepped(x, sigma, step_condition=4), stepped(x, sigma, step_condition=6), atol=1e-5)
+        stepped.ignore_step_condition()
+        assert torch.allclose(stepped(x, sigma, step_condition=4), plain(x, sigma), atol=1e-6)
+
+
+def test_sfd_sfdv_and_second_stage_train_and_sample_end_to_end(tiny_bedroom, tmp_path, monkeypatch):
+    import sample
+    import train
+
+    monkeypatch.chdir(tmp_path)  # train.py / sample.py use ./src and ./exps
+    common = ["--dataset_name", "tiny_bedroom", "--batch", "2", "--total_kimg", "0.004", "--seed", "0",
+              "--device", "cpu", "--sampler_tea", "dpmpp", "--M", "1"]
+    for extra, expect in ((["--num_steps", "4"], "00000-tiny_bedroom-4-2-dpmpp-1-poly7.0-afs"),
+                          (["--use_step_condition", "True"], "00001-tiny_bedroom-4-2-dpmpp-1-poly7.0-afs")):
+        result = CliRunner().invoke(train.main, common + extra)
+        assert result.exit_code == 0, result.output
+        assert os.path.isdir(os.path.join("exps", expect)), os.listdir("exps")
+    first = glob.glob("exps/00000-*/network-snapshot-*.safetensors")[0]
+    net, settings = load_snapshot(first)
+    assert settings["dataset_name"] == "tiny_bedroom" and net.model.__class__.__name__ == "OpenAIUNet"
+    result = CliRunner().invoke(train.main, [
+        "--dataset_name", "tiny_bedroom", "--is_second_stage", "True", "--model_path", first, "--num_steps", "3",
+        "--M", "1", "--batch", "2", "--total_kimg", "0.002", "--lpips", "False", "--device", "cpu", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+
+    for exp, extra in (("0", []), ("1", ["--num_steps", "5"]), ("2", [])):
+        out = f"out{exp}"
+        result = CliRunner().invoke(sample.main, ["--model_path", exp, "--seeds", "0-1", "--batch", "2",
+                                                  "--device", "cpu", "--outdir", out, *extra])
+        assert result.exit_code == 0, result.output
+        image = np.asarray(PIL.Image.open(f"{out}/000000/000001.png"))
+        assert image.shape == (RES, RES, 3) and image.std() > 0
+
+
+def test_without_the_file_loading_fails_fast_naming_file_url_and_folder(tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setenv("SFD_OFFLINE", "1")
+    row = BACKBONES["lsun_bedroom"]
+    start = time.time()
+    with pytest.raises(dnnlib.DownloadError) as info:
+        load_network("lsun_bedroom", cache_root=str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and time.time() - start < 10
+    assert row.file_name in message and row.url in message and os.path.join(str(tmp_path), "lsun_bedroom") in message
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(train.main, ["--dataset_name", "lsun_bedroom", "--device", "cpu", "--batch", "2"])
+    assert result.exit_code == 2 and row.url in result.output and "Traceback" not in result.output
+    assert not os.path.exists("exps") or not os.listdir("exps")  # a failed load leaves no run folder
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_runs_the_convolutions_in_half_and_stays_close(tiny_bedroom):
+    row, state, path = tiny_bedroom
+    net = load_network("tiny_bedroom", model_path=path, device="cuda").net
+    x, sigma = torch.randn(4, 3, RES, RES, device="cuda"), torch.tensor([0.01, 0.5, 5.0, 70.0], device="cuda")
+    with torch.no_grad():
+        full = net(x, sigma)
+        net.use_fp16 = True
+        half = net(x, sigma)
+    assert half.dtype == torch.float32 and 0 < _max_rel(half, full) < 1e-2
