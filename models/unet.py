@@ -92,8 +92,9 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels, num_heads, layout="legacy", conv_dims=1):
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads")
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"attention: {channels} channels do not split into {num_heads} heads (the heads are too "
+                             f"wide for this level, or do not divide it)")
         if layout not in ("legacy", "split") or conv_dims not in (1, 2):
             raise ValueError(f"attention: layout {layout!r} / conv_dims {conv_dims!r} not in legacy|split / 1|2")
         self.num_heads, self.layout, self.conv_dims = num_heads, layout, conv_dims

@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import click
 import pytest
 import torch
+from click.testing import CliRunner
 
 import solvers
 from tests.conftest import ROOT
@@ -135,3 +137,14 @@ def test_check_equivalence_tiny_measures_what_it_claims(tmp_path):
     psnr = r["psnr_db"]
     assert 30 < psnr["fast_trained"] < 100 and psnr["fp16_trained"] > 140 and psnr["fast_sampling"] > 60
     assert len(r["losses"]["fp32"]) == 3 and "relative difference median" in stdout
+
+
+@pytest.mark.slow
+def test_openai_unet_benchmark_compares_ours_with_diffusers():
+    from benchmarks import bench_openai_unet
+
+    result = CliRunner().invoke(bench_openai_unet.main, ["--resolution", "32", "--model_channels", "64", "--batch", "1",
+                                                         "--repeats", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rel = float(re.search(r"max \|ours - diffusers\| / max \|diffusers\| = (\S+)", result.output).group(1))
+    assert rel < 1e-5 and "ratio ours/diffusers" in result.output

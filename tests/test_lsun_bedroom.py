@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import dnnlib
+from benchmarks.bench_openai_unet import diffusers_unet
 from models import BACKBONES, load_network, load_snapshot
 from models.precond import EDMPrecond
 from models.unet import AttentionBlock
@@ -49,75 +50,6 @@ def tiny_bedroom(tmp_path, monkeypatch):
     return row, {k: v.float() for k, v in state.items()}, str(path)
 
 
-def diffusers_reference(state, levels_with_attention, num_blocks):
-    """diffusers' UNet2DModel with the same architecture, loaded strictly from the file's tensors by a key map."""
-    from diffusers import UNet2DModel
-
-    levels = len(levels_with_attention)
-    mapped = {}
-
-    def copy(src, dst, names):
-        for key, value in state.items():
-            for ours, theirs in names.items():
-                if key == f"{src}.{ours}":
-                    mapped[f"{dst}.{theirs}"] = value
-
-    def resnet(src, dst):
-        copy(src, dst, {f"{a}.{p}": f"{b}.{p}" for a, b in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"),
-                                                           ("emb_layers.1", "time_emb_proj"), ("out_layers.0", "norm2"),
-                                                           ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
-                        for p in ("weight", "bias")})
-
-    def attention(src, dst):
-        copy(src, dst, {"norm.weight": "group_norm.weight", "norm.bias": "group_norm.bias"})
-        for p in ("weight", "bias"):
-            q, k, v = state[f"{src}.qkv.{p}"].chunk(3, dim=0)  # [q | k | v]: plain thirds
-            for name, part in (("to_q", q), ("to_k", k), ("to_v", v)):
-                mapped[f"{dst}.{name}.{p}"] = part.reshape(part.shape[0], -1) if p == "weight" else part
-            out = state[f"{src}.proj_out.{p}"]
-            mapped[f"{dst}.to_out.0.{p}"] = out.reshape(out.shape[0], -1) if p == "weight" else out
-
-    copy("time_embed", "time_embedding", {f"{a}.{p}": f"{b}.{p}" for a, b in (("0", "linear_1"), ("2", "linear_2"))
-                                          for p in ("weight", "bias")})
-    copy("input_blocks.0.0", "conv_in", {"weight": "weight", "bias": "bias"})
-    n = 1
-    for level, attends in enumerate(levels_with_attention):
-        for j in range(num_blocks):
-            resnet(f"input_blocks.{n}.0", f"down_blocks.{level}.resnets.{j}")
-            if attends:
-                attention(f"input_blocks.{n}.1", f"down_blocks.{level}.attentions.{j}")
-            n += 1
-        if level < levels - 1:
-            resnet(f"input_blocks.{n}.0", f"down_blocks.{level}.downsamplers.0")
-            n += 1
-    resnet("middle_block.0", "mid_block.resnets.0")
-    attention("middle_block.1", "mid_block.attentions.0")
-    resnet("middle_block.2", "mid_block.resnets.1")
-    n = 0
-    for up, level in enumerate(reversed(range(levels))):
-        attends = levels_with_attention[level]
-        for j in range(num_blocks + 1):
-            resnet(f"output_blocks.{n}.0", f"up_blocks.{up}.resnets.{j}")
-            if attends:
-                attention(f"output_blocks.{n}.1", f"up_blocks.{up}.attentions.{j}")
-            if level and j == num_blocks:
-                resnet(f"output_blocks.{n}.{2 if attends else 1}", f"up_blocks.{up}.upsamplers.0")
-            n += 1
-    copy("out", "conv_norm_out", {"0.weight": "weight", "0.bias": "bias"})
-    copy("out", "conv_out", {"2.weight": "weight", "2.bias": "bias"})
-
-    widths = [TINY["model_channels"] * m for m in TINY["channel_mult"]]
-    down = ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in levels_with_attention]
-    up = ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(levels_with_attention)]
-    model = UNet2DModel(sample_size=RES, in_channels=3, out_channels=3, block_out_channels=widths,
-                        layers_per_block=num_blocks, down_block_types=down, up_block_types=up,
-                        downsample_type="resnet", upsample_type="resnet", attention_head_dim=TINY["channels_per_head"],
-                        flip_sin_to_cos=True, freq_shift=0, norm_num_groups=32, norm_eps=1e-5)
-    model.load_state_dict(mapped, strict=True)
-    assert len(mapped) == len(state) + 4 * (2 * num_blocks + 1) * sum(levels_with_attention) + 4  # qkv/proj split
-    return model.eval()
-
-
 def reference_denoiser(unet, x, sigma, sigma_data=0.5):
     """EDM's scalings around the reference U-Net; its timestep input is 1000 c_noise = 250 ln(sigma)."""
     s = sigma.reshape(-1, 1, 1, 1)
@@ -139,7 +71,8 @@ def test_file_loads_strictly_and_denoises_like_diffusers(tiny_bedroom):
     for key, value in state.items():
         assert torch.equal(net.state_dict()[f"model.{key}"], value), key
     attends = [RES >> level in TINY["attn_resolutions"] for level in range(len(TINY["channel_mult"]))]
-    reference = diffusers_reference(state, attends, TINY["num_blocks"])
+    reference = diffusers_unet(state, RES, [TINY["model_channels"] * m for m in TINY["channel_mult"]], attends,
+                               TINY["num_blocks"], TINY["channels_per_head"])
     torch.manual_seed(0)
     x, sigma = torch.randn(3, 3, RES, RES) * 2, torch.tensor([0.01, 1.3, 60.0])
     with torch.no_grad():
