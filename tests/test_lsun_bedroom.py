@@ -152,10 +152,12 @@ def test_sfd_sfdv_and_second_stage_train_and_sample_end_to_end(tiny_bedroom, tmp
         "--M", "1", "--batch", "2", "--total_kimg", "0.002", "--lpips", "False", "--device", "cpu", "--seed", "0"])
     assert result.exit_code == 0, result.output
 
-    for exp, extra in (("0", []), ("1", ["--num_steps", "5"]), ("2", [])):
+    teacher = ["--dataset_name", "tiny_bedroom", "--solver", "heun", "--num_steps", "3"]  # the teacher itself
+    for exp, extra in (("0", []), ("1", ["--num_steps", "5"]), ("2", []), ("t", teacher)):
         out = f"out{exp}"
-        result = CliRunner().invoke(sample.main, ["--model_path", exp, "--seeds", "0-1", "--batch", "2",
-                                                  "--device", "cpu", "--outdir", out, *extra])
+        where = ["--model_path", exp] if exp != "t" else []
+        result = CliRunner().invoke(sample.main, [*where, "--seeds", "0-1", "--batch", "2", "--device", "cpu",
+                                                  "--outdir", out, *extra])
         assert result.exit_code == 0, result.output
         image = np.asarray(PIL.Image.open(f"{out}/000000/000001.png"))
         assert image.shape == (RES, RES, 3) and image.std() > 0
