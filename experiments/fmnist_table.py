@@ -19,13 +19,14 @@ SFD-2 also records its distillation curve: a snapshot every `--curve_every` tick
 Everything is resumable: the work folder keeps the settings, the endpoint images, every finished row, every
 snapshot, and the training-state dumps of the distillations (every `--dump_every` ticks), so the same command after
 a crash, a kill or the end of a session continues where it stopped. `--rows` restricts a run to some rows. A work
-folder made with other settings is refused.
+folder made with other settings is refused. `--partial` trains nothing and scores each unfinished distillation at its
+latest dump (a row "K of B kimg (stopped)", replaced by the finished model's row once the run completes); dumps made on
+another machine with the same settings can be copied into `<workdir>/distil/` for that.
 """
 
 import glob
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -45,7 +46,7 @@ from metrics.frechet import FeatureStats, frechet_distance, load_ref  # noqa: E4
 from metrics.images import psnr_uint8  # noqa: E402
 from models import load_network  # noqa: E402
 from sample import SeedGenerators, to_uint8  # noqa: E402
-from torch_utils.cli import CommandError  # noqa: E402
+from torch_utils.cli import CommandError, machine_name  # noqa: E402
 from training import state as train_state  # noqa: E402
 from training.precision import maybe_compile, prepare_module  # noqa: E402
 from training.sfd_loss import SFDV_NUM_STEPS  # noqa: E402
@@ -59,12 +60,6 @@ DISTILLED = ("sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
 # SFD-v's one model, sampled (with AFS) at every num_steps it was trained for.
 SFDV_NFES = tuple(solvers.nfe_of("euler", n, afs=True) for n in range(SFDV_NUM_STEPS[0], SFDV_NUM_STEPS[1] + 1))
 CURVE_KEY = "sfd2"
-
-
-def machine_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def latents_for(seeds, net, device):
@@ -142,7 +137,7 @@ def distillation_seconds(run_dir, until_kimg=float("inf")):
     return total
 
 
-def distil(run_dir, teacher_path, kimg, batch, device, seed, tick, dump_every, curve_every=None, **options):
+def distil(run_dir, teacher_path, kimg, batch, device, seed, tick, dump_every, snapshot_ticks=None, **options):
     """Run SFD into run_dir, or resume it from its latest training-state dump, or find it finished.
 
     Returns the final snapshot's path and the wall seconds of the whole run (all resumptions together)."""
@@ -154,12 +149,54 @@ def distil(run_dir, teacher_path, kimg, batch, device, seed, tick, dump_every, c
               flush=True)
         training_loop(run_dir=run_dir, model_path=teacher_path, batch_size=batch, total_kimg=kimg, seed=seed,
                       device=str(device), progress=True, kimg_per_tick=tick, state_dump_ticks=dump_every,
-                      snapshot_ticks=curve_every, resume_state=dump, **options)
+                      snapshot_ticks=snapshot_ticks, resume_state=dump, **options)
         final = os.path.basename(snapshots_of(run_dir)[-1][1])
         write_atomic(done_marker, json.dumps(dict(snapshot=final)) + "\n")
         for path in glob.glob(os.path.join(run_dir, "training-state-*.pt")):
             os.remove(path)  # finished: the dumps (weights + Adam state each) are no longer needed
     return os.path.join(run_dir, json.load(open(done_marker))["snapshot"]), distillation_seconds(run_dir)
+
+
+def run_machine(run_dir):
+    """Where a distillation ran, from its stats.jsonl ('device'; older runs: a CUDA GPU when mixed precision was on)."""
+    last = None
+    with open(os.path.join(run_dir, "stats.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                last = json.loads(line)
+    if last is None:
+        return None
+    return last.get("device") or ("CUDA GPU" if last.get("precision", "fp32") != "fp32" else "CPU")
+
+
+class Trained:
+    """A distilled model to score: a finished run's snapshot, or a stopped run's latest training-state dump.
+
+    budget: the run's kimg budget; seconds: its wall time so far; kimg: where a stopped run stands (None: finished);
+    machine: where it was distilled; path: a finished run's snapshot."""
+
+    def __init__(self, load, budget, seconds, machine, kimg=None, path=None):
+        self._load, self._net = load, None
+        self.budget, self.seconds, self.machine, self.kimg, self.path = budget, seconds, machine, kimg, path
+
+    def net(self):
+        if self._net is None:
+            self._net = self._load()
+        return self._net
+
+    @classmethod
+    def from_dump(cls, dump_path, model_path, conditioned, budget, device):
+        """The student of an unfinished run's dump, on the network the run started from."""
+        run_dir = os.path.dirname(dump_path)
+        dump = train_state.load_training_state(dump_path)
+        at = dump["cur_nimg"] / 1000
+
+        def load():
+            net = load_network(model_path=model_path, device=device, use_step_condition=conditioned).net
+            net.load_state_dict(dump["net"])
+            return net.eval().requires_grad_(False)
+
+        return cls(load, budget, distillation_seconds(run_dir, at), run_machine(run_dir), kimg=at)
 
 
 def snapshots_of(run_dir):
@@ -228,8 +265,15 @@ class WorkFolder:
         return images
 
     def table_rows(self):
-        return sorted((r for r in self.rows.values() if r["key"] in ROW_KEYS),
-                      key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
+        """One row per (key, NFE) in table order: the finished model's, else the latest stopped one's."""
+        best = {}
+        for r in self.rows.values():
+            if r["key"] in ROW_KEYS:
+                held = best.get((r["key"], r["nfe"]))
+                if held is None or (held.get("kimg") is not None and (r.get("kimg") is None
+                                                                        or r["kimg"] > held["kimg"])):
+                    best[(r["key"], r["nfe"])] = r
+        return sorted(best.values(), key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
 
     def curve_rows(self):
         return sorted((r for r in self.rows.values() if r["key"] == "curve"), key=lambda r: r["kimg"])
@@ -273,6 +317,9 @@ def file_id(path):
               type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--rows", "rows_text", help=f"Comma-separated rows to compute  [default: all: {','.join(ROW_KEYS)}]",
               default=None)
+@click.option("--partial", is_flag=True,
+              help="Distil nothing: score unfinished distillations at their latest training-state dump (the table "
+                   "says 'K of B kimg'); finished ones as usual")
 @click.option("--table_only", is_flag=True, help="Only write the table (and plots) of the rows already finished")
 @click.option("--plots", is_flag=True, help="Also write <out>-nfe.png and <out>-curve.png (needs matplotlib)")
 @click.option("--channels_last", type=bool, default=False, show_default=True,
@@ -285,8 +332,8 @@ def file_id(path):
               show_default=True)
 @click.option("--device", default=None)
 def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg, batch, lr, lr2, thresholding,
-         sample_batch, reference_steps, tick, curve_every, dump_every, rows_text, table_only, plots, channels_last,
-         compile_, workdir, out, device):
+         sample_batch, reference_steps, tick, curve_every, dump_every, rows_text, partial, table_only, plots,
+         channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     wanted = parse_rows(rows_text)
     budgets = {k: kimg for k in ("sfd2", "sfd3", "sfd4", "sfd5")}
@@ -329,23 +376,45 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
 
     score = Scorer(load_detector(detector, device=device), load_ref(teacher_ref), load_ref(ref), device, endpoint)
 
-    def add(key, name, nfe, make_images, distilled=None):
-        """distilled: (budget kimg, wall seconds) of the row's model."""
-        if work.has(key, nfe):
+    def add(key, name, nfe, make_images, model=None):
+        """model: the row's distilled model (a Trained); a stopped one's rows are kept apart by its kimg."""
+        at = model.kimg if model is not None else None
+        if work.has(key, nfe, at):
             return
         row = dict(key=key, method=name, nfe=nfe, **score(make_images()), machine=machine, num=num)
-        if distilled is not None:
-            row.update(budget_kimg=distilled[0], distill_s=distilled[1])
+        if model is not None:
+            row.update(budget_kimg=model.budget, distill_s=model.seconds, distill_machine=model.machine)
+            if at is not None:
+                row["kimg"] = at
         work.add_row(row)
 
     def teacher_row(key, name, nfe, sampler, **kwargs):
         add(key, name, nfe, lambda: run_sampler(teacher_net, sampler, seeds, sample_batch, device, fast=teacher_fast,
                                                 num_steps=nfe + 1, **kwargs, **sig))
 
-    def student_images(snap, num_steps, step_condition=None):
-        student = load_network(model_path=snap, device=device).net
+    def student_images(student, num_steps, step_condition=None):
         return run_sampler(student, "euler", seeds, sample_batch, device, fast=fast(student), num_steps=num_steps,
                            afs=True, step_condition=step_condition, **sig)
+
+    def curve_pending(nfe):
+        """Whether the finished SFD-2 run has snapshots the curve has not scored yet."""
+        run_dir = work.run_dir(CURVE_KEY, budgets[CURVE_KEY])
+        return os.path.isdir(run_dir) and any(not work.has("curve", nfe, at) for at, _ in snapshots_of(run_dir))
+
+    def trained(key, model_path, seed, conditioned=False, **options):
+        """The row's distilled model: its run (or resumption) to the budget, or, with --partial and an unfinished
+        run, its latest training-state dump without training. None when --partial finds nothing to score."""
+        run_dir = work.run_dir(key, budgets[key])
+        if partial and not os.path.exists(os.path.join(run_dir, "done.json")):
+            dump = train_state.latest_dump(run_dir) if os.path.isdir(run_dir) else None
+            if dump is None:
+                print(f"--partial: {key} has no training-state dump in {run_dir}; row skipped", flush=True)
+                return None
+            return Trained.from_dump(dump, model_path, conditioned, budgets[key], device)
+        snap, secs = distil(run_dir, model_path, budgets[key], batch, device, seed, tick, dump_every,
+                            **(dict(use_step_condition=True) if conditioned else {}), **options)
+        return Trained(lambda: load_network(model_path=snap, device=device).net, budgets[key], secs,
+                       run_machine(run_dir), path=snap)
 
     if "ref" in wanted:
         add("ref", "Teacher, Heun (endpoint)", ref_nfe, endpoint)
@@ -359,35 +428,40 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
     common = dict(M=3, afs=True, sampler_tea="dpmpp", max_order=3, lr=lr, thresholding=thresholding, **speed)
     for nfe in (2, 3, 4, 5):
         key = f"sfd{nfe}"
-        if key not in wanted or work.has(key, nfe):
+        if key not in wanted or (work.has(key, nfe) and not (key == CURVE_KEY and curve_pending(nfe))):
             continue
-        run_dir = work.run_dir(key, budgets[key])
-        snap, secs = distil(run_dir, teacher, budgets[key], batch, device, nfe, tick, dump_every,
-                            curve_every=curve_every if key == CURVE_KEY else None, num_steps=nfe + 2, **common)
-        if key == CURVE_KEY:
+        model = trained(key, teacher, nfe, num_steps=nfe + 2,
+                        snapshot_ticks=curve_every if key == CURVE_KEY else None, **common)
+        if model is None:
+            continue
+        if key == CURVE_KEY and model.kimg is None:
+            run_dir = work.run_dir(key, budgets[key])
             for at, path in snapshots_of(run_dir):
                 if not work.has("curve", nfe, at):
-                    row = dict(key="curve", method="SFD", nfe=nfe, kimg=at, **score(student_images(path, nfe + 2)),
-                               distill_s=distillation_seconds(run_dir, at), machine=machine, num=num)
-                    work.add_row(row)
-        add(key, "SFD", nfe, lambda: student_images(snap, nfe + 2), (budgets[key], secs))
+                    images = student_images(load_network(model_path=path, device=device).net, nfe + 2)
+                    work.add_row(dict(key="curve", method="SFD", nfe=nfe, kimg=at, **score(images),
+                                      distill_s=distillation_seconds(run_dir, at), machine=machine, num=num))
+        add(key, "SFD", nfe, lambda: student_images(model.net(), nfe + 2), model)
 
-    def sfdv_snapshot():
-        return distil(work.run_dir("sfdv", budgets["sfdv"]), teacher, budgets["sfdv"], batch, device, 10, tick,
-                      dump_every, num_steps=4, use_step_condition=True, **common)
+    def sfdv_model():
+        return trained("sfdv", teacher, 10, conditioned=True, num_steps=4, **common)
 
     if "sfdv" in wanted and not all(work.has("sfdv", n) for n in SFDV_NFES):
-        snap_v, secs_v = sfdv_snapshot()
-        for nfe in SFDV_NFES:
-            add("sfdv", "SFD-v (one model)", nfe, lambda: student_images(snap_v, nfe + 2, step_condition=nfe + 2),
-                (budgets["sfdv"], secs_v))
+        model_v = sfdv_model()
+        for nfe in SFDV_NFES if model_v is not None else ():
+            add("sfdv", "SFD-v (one model)", nfe,
+                lambda: student_images(model_v.net(), nfe + 2, step_condition=nfe + 2), model_v)
     if "stage2" in wanted and not work.has("stage2", 1):
-        snap_v, secs_v = sfdv_snapshot()
-        snap_2, secs_2 = distil(work.run_dir("stage2", budgets["stage2"]), snap_v, budgets["stage2"], batch, device,
-                                11, tick, dump_every, num_steps=3, M=2, afs=True, is_second_stage=True, lpips=False,
-                                lr=lr2, **speed)
-        add("stage2", "SFD second stage (from SFD-v)", 1, lambda: student_images(snap_2, 3, step_condition=3),
-            (budgets["stage2"], secs_2 + secs_v))
+        model_v = sfdv_model()
+        if model_v is not None and model_v.kimg is not None:
+            print("--partial: the second stage starts from the finished SFD-v model; row skipped", flush=True)
+        elif model_v is not None:
+            model_2 = trained("stage2", model_v.path, 11, num_steps=3, M=2, afs=True, is_second_stage=True,
+                              lpips=False, lr=lr2, **speed)
+            if model_2 is not None:
+                model_2.seconds += model_v.seconds  # the second stage's cost includes the model it starts from
+                add("stage2", "SFD second stage (from SFD-v)", 1,
+                    lambda: student_images(model_2.net(), 3, step_condition=3), model_2)
 
     work.reload_rows()
     finish(out, work, settings, plots)
@@ -407,7 +481,7 @@ def write_table(out, work, settings):
     """Markdown table of every finished row in table order, then the SFD-2 curve (rows of earlier runs included)."""
     st = settings
     rows = work.table_rows()
-    machines = sorted({r["machine"] for r in rows if r.get("distill_s") is not None})
+    machines = sorted({r.get("distill_machine") or r["machine"] for r in rows if r.get("distill_s") is not None})
     lines = [f"Fashion-MNIST 32×32 teacher `{st['teacher'].split(':')[0]}`, {st['num']} samples per row (seeds "
              f"0..{st['num'] - 1}). teacher-FID: against {st['teacher_ref'].split(':')[0]} (the teacher's converged "
              f"samples); data-FID: against the training set; both with `{st['detector'].split(':')[0]}`. PSNR: to "
@@ -419,9 +493,11 @@ def write_table(out, work, settings):
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = f"{r['budget_kimg']:g} kimg" if r.get("budget_kimg") else ""
+        if budget and r.get("kimg") is not None:
+            budget = f"{r['kimg']:g} of {budget} (stopped)"
         t = format_minutes(r["distill_s"]) if r.get("distill_s") is not None else ""
         if len(machines) > 1 and t:
-            t += f" ({r['machine']})"
+            t += f" ({r.get('distill_machine') or r['machine']})"
         psnr = "(itself)" if r["key"] == "ref" else f"{r['psnr']:.2f}"
         lines.append(f"| {r['method']} | {r['nfe']} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {psnr} | {budget} "
                      f"| {t} |")

@@ -22,7 +22,8 @@ if REPO not in sys.path:
 
 from dnnlib.util import write_atomic  # noqa: E402
 from experiments.fmnist_metric import REF_SEED0, ImageCache, fid, num_steps_for, stats_of  # noqa: E402
-from experiments.fmnist_table import machine_name, run_sampler  # noqa: E402
+from experiments.fmnist_table import run_sampler  # noqa: E402
+from torch_utils.cli import machine_name  # noqa: E402
 from metrics.detectors import load_detector  # noqa: E402
 from metrics.frechet import load_ref  # noqa: E402
 from models import load_network  # noqa: E402

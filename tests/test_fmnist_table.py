@@ -120,6 +120,18 @@ def test_sfd2_curve_scores_each_snapshot_and_plots(tmp_path, tiny):
     assert curve[1]["psnr"] == final["psnr"] and curve[1]["teacher_fid"] == final["teacher_fid"]
     assert curve[0]["psnr"] != final["psnr"]
     assert "SFD-2 distillation curve" in out.read_text()
+    # Curve points not scored yet (here: dropped from rows.jsonl) are scored by the same command later, from the
+    # kept snapshots, although the SFD-2 row itself is done; nothing is distilled again.
+    rows_file = work / "rows.jsonl"
+    kept = [line for line in rows_file.read_text().splitlines() if json.loads(line)["key"] != "curve"]
+    rows_file.write_text("\n".join(kept) + "\n")
+    stamps = {p: p.stat().st_mtime_ns for p in work.glob("distil/*/*.safetensors")}
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    again = [row for row in read_rows(work) if row["key"] == "curve"]
+    assert [(row["kimg"], row["psnr"]) for row in again] == [(row["kimg"], row["psnr"]) for row in curve]
+    assert [row["key"] for row in read_rows(work)].count("sfd2") == 1
+    assert {p: p.stat().st_mtime_ns for p in work.glob("distil/*/*.safetensors")} == stamps
     from PIL import Image
 
     for name in ("t-nfe.png", "t-curve.png"):
@@ -172,3 +184,51 @@ def test_distillation_resumes_from_its_dump_after_a_kill(tmp_path, tiny_teacher_
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_partial_scores_a_stopped_run_at_its_dump_then_the_finished_model_replaces_it(tmp_path, tiny, monkeypatch):
+    """--partial trains nothing: an unfinished SFD-3 run is scored at its latest dump ('K of B kimg (stopped)'), with
+    the dump's weights, the time and machine of its stats; a run with no dump is skipped. Once the run finishes, its
+    final row replaces the stopped one in the table."""
+    from training import state as train_state
+
+    work, out = tmp_path / "work", tmp_path / "t.md"
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--kimg", "0.012", "--tick", "0.004",
+                   "--dump_every", "1"]
+    real_save = train_state.save_training_state
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt("killed after the first dump")
+
+    monkeypatch.setattr(train_state, "save_training_state", save_then_die)
+    r = run(args + ["--rows", "sfd3"])
+    assert r.exit_code == 1  # click turns the interrupt into "Aborted!"
+    monkeypatch.setattr(train_state, "save_training_state", real_save)
+    run_dir = work / "distil" / "sfd3-0.012kimg"
+    dumps = sorted(run_dir.glob("training-state-*.pt"))
+    assert len(dumps) == 1 and not (run_dir / "done.json").exists()
+
+    r = run(args + ["--rows", "sfd3,sfd4", "--partial"])
+    assert r.exit_code == 0, r.output
+    assert "sfd4 has no training-state dump" in r.output
+    assert not (work / "distil" / "sfd4-0.012kimg").exists()  # nothing was distilled
+    assert sorted(p.name for p in run_dir.iterdir()) == ["stats.jsonl", dumps[0].name]
+    (stopped,) = read_rows(work)
+    assert stopped["key"] == "sfd3" and stopped["kimg"] == pytest.approx(0.004) and stopped["budget_kimg"] == 0.012
+    assert stopped["distill_machine"] == json.loads((run_dir / "stats.jsonl").read_text())["device"]
+    assert stopped["distill_s"] > 0
+    assert "| 0.004 of 0.012 kimg (stopped) |" in out.read_text()
+
+    # The scored network holds the dump's weights.
+    model = fmnist_table.Trained.from_dump(str(dumps[0]), tiny[tiny.index("--teacher") + 1], False, 0.012, "cpu")
+    dumped = train_state.load_training_state(str(dumps[0]))["net"]
+    for k, v in model.net().state_dict().items():
+        torch.testing.assert_close(v, dumped[k], rtol=0, atol=0)
+
+    r = run(args + ["--rows", "sfd3"])  # resumes the run to its budget
+    assert r.exit_code == 0, r.output
+    final = [row for row in read_rows(work) if row["key"] == "sfd3" and "kimg" not in row]
+    assert len(final) == 1 and final[0]["psnr"] != stopped["psnr"]
+    table = out.read_text()
+    assert "(stopped)" not in table and table.count("| SFD | 3 |") == 1

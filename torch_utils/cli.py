@@ -1,6 +1,7 @@
 """What every command-line script shares: one-line errors with exit code 2, printed once under torchrun."""
 
 import os
+import platform
 import re
 import signal
 import sys
@@ -61,6 +62,16 @@ class PeerFailed(click.ClickException):
 
     def show(self, file=None):
         pass
+
+
+def machine_name(device):
+    """The device in words, for logs and reports: 'NVIDIA H200', 'x86_64 CPU, 2 threads'."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def run(command, args=None):

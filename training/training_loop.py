@@ -355,6 +355,7 @@ class TickLog:
         stats = dict(tick=cur_tick, kimg=cur_nimg / 1000, sec_per_kimg=sec_per_kimg,
                      total_sec=time.time() - self.start_time, peak_mem_gb=_peak_memory_gb(self.device),
                      lr=lr, mixed_precision=mode.mixed, precision=mode.precision,
+                     device=cli.machine_name(self.device), ranks=dist.get_world_size(),
                      loss={f"step{i}": v for i, (v, n) in enumerate(zip(per_step, seen)) if n > 0})
         loss_text = " ".join(f"{v:.4f}" for v, n in zip(per_step, seen) if n > 0)
         line = (f"tick {cur_tick:<4d} kimg {cur_nimg / 1000:<8.2f} loss/step [{loss_text}] sec/kimg "
