@@ -494,13 +494,16 @@ def write_table(out, work, settings):
     for r in rows:
         budget = f"{r['budget_kimg']:g} kimg" if r.get("budget_kimg") else ""
         if budget and r.get("kimg") is not None:
-            budget = f"{r['kimg']:g} of {budget} (stopped)"
+            budget = f"{r['kimg']:.3g} of {budget} (stopped)"
         t = format_minutes(r["distill_s"]) if r.get("distill_s") is not None else ""
         if len(machines) > 1 and t:
             t += f" ({r.get('distill_machine') or r['machine']})"
         psnr = "(itself)" if r["key"] == "ref" else f"{r['psnr']:.2f}"
         lines.append(f"| {r['method']} | {r['nfe']} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {psnr} | {budget} "
                      f"| {t} |")
+    if any(r.get("kimg") is not None for r in rows):
+        lines += ["", "(stopped): an unfinished distillation scored at its latest training-state dump (`--partial`); "
+                      "its lr drops ÷10 at half of the budget named."]
     curve = work.curve_rows()
     if curve:
         lines += ["", "SFD-2 distillation curve (snapshots of the SFD-2 row's run; the lr drops ÷10 at half of it):",
@@ -527,6 +530,7 @@ def write_plots(prefix, work):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plots written (pip install matplotlib)", flush=True)
         return []
@@ -546,10 +550,16 @@ def write_plots(prefix, work):
     axes[0].set_yscale("log")
     axes[0].set_ylabel("teacher-FID (lower is better)")
     axes[1].set_ylabel("PSNR to the converged endpoint (dB)")
+    nfes = sorted({r["nfe"] for rs in methods.values() for r in rs})
     for ax in axes:
         ax.set_xscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes])  # plain NFE labels, not 2×10⁰
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("NFE")
         ax.grid(True, which="both", alpha=0.3)
+    axes[0].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     written.append(save_figure(plt, fig, axes, f"{prefix}-nfe.png"))
 
     curve = work.curve_rows()
