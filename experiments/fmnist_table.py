@@ -328,7 +328,8 @@ def file_id(path):
               help="torch.compile the sampling and distillation calls (same numbers, ~1 min compile per network)")
 @click.option("--workdir", default="./exps/fmnist-table", show_default=True,
               help="Resumable state of this run; rerun the same command to continue it")
-@click.option("--out", help="Markdown table to write", default=os.path.join(REPO, "experiments", "fmnist_table.md"),
+@click.option("--out", help="Markdown table to write; a file <out stem>-notes.md next to it (the rows' provenance) "
+                           "is appended verbatim", default=os.path.join(REPO, "experiments", "fmnist_table.md"),
               show_default=True)
 @click.option("--device", default=None)
 def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg, batch, lr, lr2, thresholding,
@@ -510,8 +511,17 @@ def write_table(out, work, settings):
                   "", "| kimg | teacher-FID | data-FID | PSNR (dB) | distillation time |", "|---|---|---|---|---|"]
         lines += [f"| {r['kimg']} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {r['psnr']:.2f} | "
                   f"{format_minutes(r['distill_s'])} |" for r in curve]
+    notes = notes_path(out)
+    if os.path.isfile(notes):
+        with open(notes, encoding="utf-8") as f:
+            lines += ["", f.read().strip()]
     write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def notes_path(out):
+    """Hand-written notes kept beside the table and appended to it, so regenerating the table keeps them."""
+    return os.path.splitext(out)[0] + "-notes.md"
 
 
 def save_figure(plt, fig, axes, path):
@@ -573,11 +583,15 @@ def write_plots(prefix, work):
             axes[0].axhline(base[0]["teacher_fid"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
             axes[1].axhline(base[0]["psnr"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
         axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axes[0].yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         axes[0].set_ylabel("teacher-FID")
         axes[1].set_ylabel("PSNR (dB)")
         minutes = curve[-1]["distill_s"] / 60
+        fig.suptitle(f"SFD-2 distillation: {minutes:.0f} min for {kimg[-1]} kimg on {curve[-1]['machine']}",
+                     fontsize=10)
         for ax in axes:
-            ax.set_xlabel(f"distillation kimg ({minutes:.0f} min for {kimg[-1]} kimg on {curve[-1]['machine']})")
+            ax.set_xlabel("distillation kimg")
             ax.grid(True, alpha=0.3)
         written.append(save_figure(plt, fig, axes, f"{prefix}-curve.png"))
     for path in written:

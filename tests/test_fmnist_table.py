@@ -91,6 +91,12 @@ def test_table_rows_subset_then_the_rest(tmp_path, tiny):
     lines = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert [ln.split(" | ")[0] for ln in lines] == ["| Teacher, Heun (endpoint)", "| DDIM (Euler)",
                                                      "| DPM-Solver++(3M)", "| SFD"]
+    # Hand-written provenance beside the table survives regenerating it.
+    (tmp_path / "t-notes.md").write_text("Where the rows come from: a test.\n")
+    r = run(args + ["--table_only"])
+    assert r.exit_code == 0, r.output
+    table = out.read_text()
+    assert table.endswith(" |\n\nWhere the rows come from: a test.\n") and table.count("a test.") == 1
 
 
 @pytest.mark.parametrize("option, value, words", [("--rows", "sfd7", ["--rows", "sfd7"]),
