@@ -232,10 +232,11 @@ class WorkFolder:
 
     @staticmethod
     def row_id(row):
-        return (row["key"], row["nfe"], row.get("kimg"))
+        """A row is its method and NFE, the budget of its distillation and, for a stopped one, the kimg reached."""
+        return (row["key"], row["nfe"], row.get("budget_kimg"), row.get("kimg"))
 
-    def has(self, key, nfe, kimg=None):
-        return (key, nfe, kimg) in self.rows
+    def has(self, key, nfe, budget=None, kimg=None):
+        return (key, nfe, budget, kimg) in self.rows
 
     def reload_rows(self):
         """Rows in rows.jsonl (also those another process appended to the same folder since)."""
@@ -265,13 +266,17 @@ class WorkFolder:
         return images
 
     def table_rows(self):
-        """One row per (key, NFE) in table order: the finished model's, else the latest stopped one's."""
+        """One row per (key, NFE) in table order: the model trained longest (a finished run's budget, a stopped
+        one's kimg), the finished one where a stopped run has reached as far."""
+        def rank(r):
+            trained = r.get("kimg") if r.get("kimg") is not None else (r.get("budget_kimg") or 0)
+            return trained, r.get("kimg") is None
+
         best = {}
         for r in self.rows.values():
             if r["key"] in ROW_KEYS:
                 held = best.get((r["key"], r["nfe"]))
-                if held is None or (held.get("kimg") is not None and (r.get("kimg") is None
-                                                                        or r["kimg"] > held["kimg"])):
+                if held is None or rank(r) > rank(held):
                     best[(r["key"], r["nfe"])] = r
         return sorted(best.values(), key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
 
@@ -298,7 +303,9 @@ def file_id(path):
               default=800, show_default=True)
 @click.option("--kimg2", help="Budget of the second stage (launch.sh: 2000)",
               type=click.FloatRange(min=0, min_open=True), default=2000, show_default=True)
-@click.option("--row_kimg", default=None, help="Smaller budgets for some rows, e.g. sfd3=50,sfdv=100")
+@click.option("--row_kimg", default=None,
+              help="Other budgets for some rows, e.g. sfd3=50,sfdv=100 (each budget distils in its own folder; the "
+                   "table shows the longest-trained model of a row)")
 @click.option("--batch", help="Distillation batch (launch.sh: 128)", type=click.IntRange(min=1), default=128,
               show_default=True)
 @click.option("--lr", help="First-stage learning rate (launch.sh: 5e-5)", type=float, default=5e-5, show_default=True)
@@ -379,8 +386,8 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
 
     def add(key, name, nfe, make_images, model=None):
         """model: the row's distilled model (a Trained); a stopped one's rows are kept apart by its kimg."""
-        at = model.kimg if model is not None else None
-        if work.has(key, nfe, at):
+        at, budget = (model.kimg, model.budget) if model is not None else (None, None)
+        if work.has(key, nfe, budget, at):
             return
         row = dict(key=key, method=name, nfe=nfe, **score(make_images()), machine=machine, num=num)
         if model is not None:
@@ -400,7 +407,7 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
     def curve_pending(nfe):
         """Whether the finished SFD-2 run has snapshots the curve has not scored yet."""
         run_dir = work.run_dir(CURVE_KEY, budgets[CURVE_KEY])
-        return os.path.isdir(run_dir) and any(not work.has("curve", nfe, at) for at, _ in snapshots_of(run_dir))
+        return os.path.isdir(run_dir) and any(not work.has("curve", nfe, kimg=at) for at, _ in snapshots_of(run_dir))
 
     def trained(key, model_path, seed, conditioned=False, **options):
         """The row's distilled model: its run (or resumption) to the budget, or, with --partial and an unfinished
@@ -429,7 +436,8 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
     common = dict(M=3, afs=True, sampler_tea="dpmpp", max_order=3, lr=lr, thresholding=thresholding, **speed)
     for nfe in (2, 3, 4, 5):
         key = f"sfd{nfe}"
-        if key not in wanted or (work.has(key, nfe) and not (key == CURVE_KEY and curve_pending(nfe))):
+        done = work.has(key, nfe, budgets[key]) and not (key == CURVE_KEY and curve_pending(nfe))
+        if key not in wanted or done:
             continue
         model = trained(key, teacher, nfe, num_steps=nfe + 2,
                         snapshot_ticks=curve_every if key == CURVE_KEY else None, **common)
@@ -438,7 +446,7 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
         if key == CURVE_KEY and model.kimg is None:
             run_dir = work.run_dir(key, budgets[key])
             for at, path in snapshots_of(run_dir):
-                if not work.has("curve", nfe, at):
+                if not work.has("curve", nfe, kimg=at):
                     images = student_images(load_network(model_path=path, device=device).net, nfe + 2)
                     work.add_row(dict(key="curve", method="SFD", nfe=nfe, kimg=at, **score(images),
                                       distill_s=distillation_seconds(run_dir, at), machine=machine, num=num))
@@ -447,12 +455,12 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
     def sfdv_model():
         return trained("sfdv", teacher, 10, conditioned=True, num_steps=4, **common)
 
-    if "sfdv" in wanted and not all(work.has("sfdv", n) for n in SFDV_NFES):
+    if "sfdv" in wanted and not all(work.has("sfdv", n, budgets["sfdv"]) for n in SFDV_NFES):
         model_v = sfdv_model()
         for nfe in SFDV_NFES if model_v is not None else ():
             add("sfdv", "SFD-v (one model)", nfe,
                 lambda: student_images(model_v.net(), nfe + 2, step_condition=nfe + 2), model_v)
-    if "stage2" in wanted and not work.has("stage2", 1):
+    if "stage2" in wanted and not work.has("stage2", 1, budgets["stage2"]):
         model_v = sfdv_model()
         if model_v is not None and model_v.kimg is not None:
             print("--partial: the second stage starts from the finished SFD-v model; row skipped", flush=True)

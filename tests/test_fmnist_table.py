@@ -238,3 +238,43 @@ def test_partial_scores_a_stopped_run_at_its_dump_then_the_finished_model_replac
     assert len(final) == 1 and final[0]["psnr"] != stopped["psnr"]
     table = out.read_text()
     assert "(stopped)" not in table and table.count("| SFD | 3 |") == 1
+
+
+def test_a_larger_budget_distils_anew_and_the_table_shows_the_longest_trained_model(tmp_path, tiny, monkeypatch):
+    """A row finished at one budget is distilled again in its own folder when asked for a larger one; the table
+    shows whichever model trained longest: a stopped run past the finished one's budget, then its final model, which
+    a later call with the small budget does not displace (nothing is recomputed)."""
+    from training import state as train_state
+
+    work, out = tmp_path / "work", tmp_path / "t.md"
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfd3", "--tick", "0.004"]
+    small, large = ["--row_kimg", "sfd3=0.004"], ["--row_kimg", "sfd3=0.016", "--dump_every", "2"]
+    r = run(args + small)
+    assert r.exit_code == 0, r.output
+    assert "| 0.004 kimg |" in out.read_text()
+
+    real_save = train_state.save_training_state
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt("killed after the first dump")
+
+    monkeypatch.setattr(train_state, "save_training_state", save_then_die)
+    r = run(args + large)
+    assert r.exit_code == 1
+    monkeypatch.setattr(train_state, "save_training_state", real_save)
+    assert [p.name for p in (work / "distil" / "sfd3-0.016kimg").glob("training-state-*.pt")]
+    r = run(args + large + ["--partial"])
+    assert r.exit_code == 0, r.output
+    table = out.read_text()
+    assert "| 0.008 of 0.016 kimg (stopped) |" in table and table.count("| SFD | 3 |") == 1
+
+    r = run(args + large)  # resumes the larger run to its budget
+    assert r.exit_code == 0, r.output
+    assert "| 0.016 kimg |" in out.read_text() and out.read_text().count("| SFD | 3 |") == 1
+    rows = read_rows(work)
+    assert sorted((row["budget_kimg"], row.get("kimg", 0)) for row in rows) == [(0.004, 0), (0.016, 0),
+                                                                                (0.016, pytest.approx(0.008))]
+    r = run(args + small)
+    assert r.exit_code == 0, r.output
+    assert read_rows(work) == rows and "| 0.016 kimg |" in out.read_text()
