@@ -14,6 +14,8 @@
 # Merge the rows into one table with `fmnist_table.py --table_only` on a work folder holding them (see the README).
 # To continue an earlier call, put its dumps back under $WORK/<row>/distil/<row>-<kimg>kimg/ (with its stats.jsonl
 # and settings.json) and name $WORK in the device call's carry: each distillation resumes from its latest dump.
+# PROCS picks the processes (e.g. PROCS="sfd3 sfd4 sfd5 sfdv" KIMG_V=800 KIMG2=2000 to finish the first-stage rows
+# and continue a CPU run of SFD-v at the paper's budget); fewer processes leave each more of the GPU.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-table-out}
@@ -28,6 +30,12 @@ TICK=${TICK:-2}
 CURVE_EVERY=${CURVE_EVERY:-5}
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-}           # more fmnist_table.py options, e.g. --device cpu for a dry run
+PROCS=${PROCS:-"sfd2 sfd3 sfd4 sfd5 sfdv base"}  # the table processes to start (fewer share the GPU better)
+for name in $PROCS; do
+    case $name in sfd2|sfd3|sfd4|sfd5|sfdv|base) ;;
+        *) echo "PROCS: unknown process '$name'; choose from: sfd2 sfd3 sfd4 sfd5 sfdv base" >&2; exit 2 ;;
+    esac
+done
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT" "$WORK/logs"
 LOGS="$WORK/logs"
@@ -57,12 +65,13 @@ done
 
 pids=()
 others=()
-table sfd2 sfd2 & pids+=($!)
-table sfd3 sfd3 & pids+=($!)
-table sfd4 sfd4 & pids+=($!)
-table sfd5 sfd5 & pids+=($!)
-table sfdv sfdv,stage2 & pids+=($!)
-table base ref,ddim10,ddim50,dpmpp5,dpmpp10 & pids+=($!)
+for name in $PROCS; do
+    case $name in
+        sfd2|sfd3|sfd4|sfd5) table "$name" "$name" & pids+=($!) ;;
+        sfdv) table sfdv sfdv,stage2 & pids+=($!) ;;
+        base) table base ref,ddim10,ddim50,dpmpp5,dpmpp10 & pids+=($!) ;;
+    esac
+done
 if [ -z "${NO_METRIC:-}" ]; then  # NO_METRIC=1: the ladder is done (experiments/fmnist_metric.md)
     ( $PY experiments/fmnist_metric.py --num "$NUM" --ref_num "$NUM" --sets A,B --workdir "$METRIC_WORK" \
         --out "$WORK/metric.md" ${EXTRA} >"$LOGS/metric.log" 2>&1
