@@ -11,7 +11,10 @@ Distillation follows `launch.sh` (the paper's CIFAR-10 recipes): SFD 200 kimg, S
 lr 5e-5, DPM-Solver++(3M) teacher with M=3 and AFS; second stage from the SFD-v model, 2000 kimg, lr 5e-4, M=2
 (LPIPS off: offline). `--row_kimg sfd3=50,...` gives a row a smaller budget; the table states each row's.
 
-SFD-2 also records its distillation curve: a snapshot every `--curve_every` ticks, each scored like a row.
+SFD-2 also records its distillation curve: a snapshot every `--curve_every` ticks, each scored like a row. SFD-v
+records one at 2 NFE, where it trails SFD most: a snapshot every `--curve_v_every` ticks (with `--partial`, the kept
+dumps of a stopped run stand in for them), each scored with the kimg the run spent on that NFE's student length
+(replayed from the run's seeded draw; a quarter of the whole on average), so that it compares with SFD-2's curve.
 `--plots` writes the quality-vs-NFE plot and the curve (needs matplotlib; without it only the table is written).
 
     python experiments/fmnist_table.py --num 10000 --workdir exps/table --out experiments/fmnist_table.md --plots
@@ -27,6 +30,7 @@ another machine with the same settings can be copied into `<workdir>/distil/` fo
 import glob
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -50,7 +54,7 @@ from torch_utils.cli import CommandError, machine_name  # noqa: E402
 from training import state as train_state  # noqa: E402
 from training.precision import maybe_compile, prepare_module  # noqa: E402
 from training.sfd_loss import SFDV_NUM_STEPS  # noqa: E402
-from training.training_loop import training_loop  # noqa: E402
+from training.training_loop import draw_sfdv_num_steps, training_loop  # noqa: E402
 
 ASSETS = os.path.join(REPO, "assets")
 
@@ -60,6 +64,9 @@ DISTILLED = ("sfd2", "sfd3", "sfd4", "sfd5", "sfdv", "stage2")
 # SFD-v's one model, sampled (with AFS) at every num_steps it was trained for.
 SFDV_NFES = tuple(solvers.nfe_of("euler", n, afs=True) for n in range(SFDV_NUM_STEPS[0], SFDV_NUM_STEPS[1] + 1))
 CURVE_KEY = "sfd2"
+# SFD-v's curve: its one model scored at its hardest NFE, where it stands furthest from SFD.
+CURVE_V_KEY, CURVE_V_NFE = "curve_v", SFDV_NFES[0]
+SFDV_SEED, STAGE2_SEED = 10, 11  # training seeds (SFD-N uses N): they fix SFD-v's sequence of student lengths
 
 
 def latents_for(seeds, net, device):
@@ -135,6 +142,47 @@ def distillation_seconds(run_dir, until_kimg=float("inf")):
         total += entry["sec_per_kimg"] * (entry["kimg"] - last_kimg)
         last_kimg = entry["kimg"]
     return total
+
+
+def tick_kimg(run_dir, file_kimg):
+    """The exact kimg of the tick that wrote a snapshot or dump named by its whole kimg (from stats.jsonl)."""
+    found = file_kimg
+    for line in open(os.path.join(run_dir, "stats.jsonl")):
+        kimg = json.loads(line)["kimg"]
+        if int(kimg) == file_kimg:
+            found = kimg  # a later tick with the same whole kimg overwrote the file
+    return found
+
+
+def nfe_share_kimg(kimg, batch, num_steps, seed=SFDV_SEED):
+    """kimg of an SFD-v run's first `kimg` whose iterations drew the student length `num_steps`: the training loop's
+    own draw, replayed from the run's seed (one draw per iteration of `batch` trajectories)."""
+    step_rng = random.Random(seed)
+    iterations = round(kimg * 1000 / batch)
+    return sum(draw_sfdv_num_steps(step_rng) == num_steps for _ in range(iterations)) * batch / 1000
+
+
+def curve_points(run_dir, every_ticks, scored=()):
+    """[(kimg, path)]: one snapshot or training-state dump of the run per interval of `every_ticks` ticks that holds
+    none of the kimg `scored` yet, oldest first. Interval k holds ticks k·every_ticks + 1 .. (k+1)·every_ticks, so
+    a snapshot the loop writes every `every_ticks` ticks opens one; the first interval is left out, as the loop's
+    first snapshot is. An interval's point is its snapshot where it has one, else its first dump."""
+    stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
+    if not stats:
+        return []
+
+    def interval(kimg):
+        return (round(kimg / stats[0]["kimg"]) - 1) // every_ticks
+
+    taken = {interval(k) for k in scored}
+    candidates = {}
+    for name in os.listdir(run_dir):
+        m = re.fullmatch(r"(training-state-|network-snapshot-)(\d+)\.(pt|safetensors)", name)
+        if m:
+            kimg, path = round(tick_kimg(run_dir, int(m.group(2))), 3), os.path.join(run_dir, name)
+            if interval(kimg) > 0 and interval(kimg) not in taken:
+                candidates.setdefault(interval(kimg), []).append((m.group(3) == "pt", kimg, path))
+    return [min(c)[1:] for _, c in sorted(candidates.items())]
 
 
 def distil(run_dir, teacher_path, kimg, batch, device, seed, tick, dump_every, snapshot_ticks=None, **options):
@@ -280,8 +328,10 @@ class WorkFolder:
                     best[(r["key"], r["nfe"])] = r
         return sorted(best.values(), key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
 
-    def curve_rows(self):
-        return sorted((r for r in self.rows.values() if r["key"] == "curve"), key=lambda r: r["kimg"])
+    def curve_rows(self, key="curve"):
+        """The points of a distillation curve ("curve": SFD-2's, CURVE_V_KEY: SFD-v's), by budget and kimg."""
+        return sorted((r for r in self.rows.values() if r["key"] == key),
+                      key=lambda r: (r.get("budget_kimg") or 0, r["kimg"]))
 
 
 def file_id(path):
@@ -320,6 +370,9 @@ def file_id(path):
               type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option("--curve_every", help="SFD-2 snapshot (and curve point) interval in ticks", type=click.IntRange(min=1),
               default=10, show_default=True)
+@click.option("--curve_v_every", type=click.IntRange(min=1), default=40, show_default=True,
+              help="SFD-v snapshot interval in ticks; its curve (2 NFE) scores the first snapshot, or with --partial "
+                   "the first kept dump, at or past each multiple")
 @click.option("--dump_every", help="Training-state dump interval of the distillations in ticks",
               type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--rows", "rows_text", help=f"Comma-separated rows to compute  [default: all: {','.join(ROW_KEYS)}]",
@@ -340,8 +393,8 @@ def file_id(path):
               show_default=True)
 @click.option("--device", default=None)
 def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg, batch, lr, lr2, thresholding,
-         sample_batch, reference_steps, tick, curve_every, dump_every, rows_text, partial, table_only, plots,
-         channels_last, compile_, workdir, out, device):
+         sample_batch, reference_steps, tick, curve_every, curve_v_every, dump_every, rows_text, partial, table_only,
+         plots, channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     wanted = parse_rows(rows_text)
     budgets = {k: kimg for k in ("sfd2", "sfd3", "sfd4", "sfd5")}
@@ -449,23 +502,47 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
                 if not work.has("curve", nfe, kimg=at):
                     images = student_images(load_network(model_path=path, device=device).net, nfe + 2)
                     work.add_row(dict(key="curve", method="SFD", nfe=nfe, kimg=at, **score(images),
-                                      distill_s=distillation_seconds(run_dir, at), machine=machine, num=num))
+                                      distill_s=distillation_seconds(run_dir, tick_kimg(run_dir, at)),
+                                      machine=machine, num=num))
         add(key, "SFD", nfe, lambda: student_images(model.net(), nfe + 2), model)
 
     def sfdv_model():
-        return trained("sfdv", teacher, 10, conditioned=True, num_steps=4, **common)
+        return trained("sfdv", teacher, SFDV_SEED, conditioned=True, num_steps=4,
+                       snapshot_ticks=curve_v_every, **common)
 
-    if "sfdv" in wanted and not all(work.has("sfdv", n, budgets["sfdv"]) for n in SFDV_NFES):
+    run_dir_v = work.run_dir("sfdv", budgets["sfdv"])
+
+    def sfdv_curve_todo():
+        """SFD-v curve points (snapshots, or dumps of a stopped run) in intervals not scored yet."""
+        scored = [r["kimg"] for r in work.curve_rows(CURVE_V_KEY) if r["budget_kimg"] == budgets["sfdv"]]
+        return curve_points(run_dir_v, curve_v_every, scored) if os.path.isdir(run_dir_v) else []
+
+    def score_sfdv_curve():
+        for at, path in sfdv_curve_todo():
+            if path.endswith(".pt"):
+                net = Trained.from_dump(path, teacher, True, budgets["sfdv"], device).net()
+            else:
+                net = load_network(model_path=path, device=device).net
+            num_steps = CURVE_V_NFE + 2
+            images = student_images(net, num_steps, step_condition=num_steps)
+            work.add_row(dict(key=CURVE_V_KEY, method="SFD-v", nfe=CURVE_V_NFE, kimg=at, **score(images),
+                              nfe_kimg=nfe_share_kimg(at, batch, num_steps), budget_kimg=budgets["sfdv"],
+                              distill_s=distillation_seconds(run_dir_v, at), machine=machine, num=num))
+
+    if "sfdv" in wanted and (not all(work.has("sfdv", n, budgets["sfdv"]) for n in SFDV_NFES)
+                             or sfdv_curve_todo()):
         model_v = sfdv_model()
         for nfe in SFDV_NFES if model_v is not None else ():
             add("sfdv", "SFD-v (one model)", nfe,
                 lambda: student_images(model_v.net(), nfe + 2, step_condition=nfe + 2), model_v)
+        if model_v is not None:
+            score_sfdv_curve()
     if "stage2" in wanted and not work.has("stage2", 1, budgets["stage2"]):
         model_v = sfdv_model()
         if model_v is not None and model_v.kimg is not None:
             print("--partial: the second stage starts from the finished SFD-v model; row skipped", flush=True)
         elif model_v is not None:
-            model_2 = trained("stage2", model_v.path, 11, num_steps=3, M=2, afs=True, is_second_stage=True,
+            model_2 = trained("stage2", model_v.path, STAGE2_SEED, num_steps=3, M=2, afs=True, is_second_stage=True,
                               lpips=False, lr=lr2, **speed)
             if model_2 is not None:
                 model_2.seconds += model_v.seconds  # the second stage's cost includes the model it starts from
@@ -482,12 +559,18 @@ def finish(out, work, settings, plots):
         write_plots(os.path.splitext(out)[0], work)
 
 
+def max_budget(work):
+    """The largest budget of the SFD-v curve's runs (the one its plot shows)."""
+    return max((r["budget_kimg"] for r in work.curve_rows(CURVE_V_KEY)), default=None)
+
+
 def format_minutes(seconds):
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
 
 
 def write_table(out, work, settings):
-    """Markdown table of every finished row in table order, then the SFD-2 curve (rows of earlier runs included)."""
+    """Markdown table of every finished row in table order, then the SFD-2 and SFD-v curves (rows of earlier runs
+    included)."""
     st = settings
     rows = work.table_rows()
     machines = sorted({r.get("distill_machine") or r["machine"] for r in rows if r.get("distill_s") is not None})
@@ -519,6 +602,20 @@ def write_table(out, work, settings):
                   "", "| kimg | teacher-FID | data-FID | PSNR (dB) | distillation time |", "|---|---|---|---|---|"]
         lines += [f"| {r['kimg']} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {r['psnr']:.2f} | "
                   f"{format_minutes(r['distill_s'])} |" for r in curve]
+    curve_v = work.curve_rows(CURVE_V_KEY)
+    if curve_v:
+        budgets = sorted({r["budget_kimg"] for r in curve_v})
+        lines += ["", f"SFD-v distillation curve at {CURVE_V_NFE} NFE (its one model, trained at "
+                      f"{SFDV_NFES[0]}–{SFDV_NFES[-1]} NFE; the lr drops ÷10 at half of the budget, "
+                      f"{' / '.join(f'{b:g}' for b in budgets)} kimg; 'at {CURVE_V_NFE} NFE': the kimg of the "
+                      f"iterations that drew the {CURVE_V_NFE}-NFE student, a quarter on average):", "",
+                  f"| kimg | kimg at {CURVE_V_NFE} NFE | teacher-FID | data-FID | PSNR (dB) | distillation time |",
+                  "|---|---|---|---|---|---|"]
+        def at(r):
+            return f"{r['kimg']:.1f}" + (f" of {r['budget_kimg']:g}" if len(budgets) > 1 else "")
+
+        lines += [f"| {at(r)} | {r['nfe_kimg']:.1f} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {r['psnr']:.2f} | "
+                  f"{format_minutes(r['distill_s'])} |" for r in curve_v]
     notes = notes_path(out)
     if os.path.isfile(notes):
         with open(notes, encoding="utf-8") as f:
@@ -542,7 +639,8 @@ def save_figure(plt, fig, axes, path):
 
 
 def write_plots(prefix, work):
-    """<prefix>-nfe.png (quality vs NFE per method) and <prefix>-curve.png (SFD-2 distillation curve)."""
+    """<prefix>-nfe.png (quality vs NFE per method) and <prefix>-curve.png (the SFD-2 and SFD-v distillation
+    curves at 2 NFE)."""
     try:
         import matplotlib
 
@@ -581,11 +679,20 @@ def write_plots(prefix, work):
     written.append(save_figure(plt, fig, axes, f"{prefix}-nfe.png"))
 
     curve = work.curve_rows()
-    if curve:
+    curve_v = [r for r in work.curve_rows(CURVE_V_KEY) if r["budget_kimg"] == max_budget(work)]
+    if curve or curve_v:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        kimg = [r["kimg"] for r in curve]
-        axes[0].plot(kimg, [r["teacher_fid"] for r in curve], "o-", label="SFD, 2 NFE")
-        axes[1].plot(kimg, [r["psnr"] for r in curve], "o-", label="SFD, 2 NFE")
+        if curve:
+            kimg = [r["kimg"] for r in curve]
+            axes[0].plot(kimg, [r["teacher_fid"] for r in curve], "o-", label="SFD, 2 NFE")
+            axes[1].plot(kimg, [r["psnr"] for r in curve], "o-", label="SFD, 2 NFE")
+            fig.suptitle(f"SFD-2 distillation: {curve[-1]['distill_s'] / 60:.0f} min for {kimg[-1]} kimg on "
+                         f"{curve[-1]['machine']}", fontsize=10)
+        for x, style, axis in (("kimg", "s-", "all kimg"), ("nfe_kimg", "s:", f"its {CURVE_V_NFE}-NFE kimg")):
+            if curve_v:
+                kv, label = [r[x] for r in curve_v], f"SFD-v, {CURVE_V_NFE} NFE (x: {axis})"
+                axes[0].plot(kv, [r["teacher_fid"] for r in curve_v], style, color="C2", label=label)
+                axes[1].plot(kv, [r["psnr"] for r in curve_v], style, color="C2", label=label)
         base = [r for r in rows if r["key"] == "dpmpp5"]
         if base:
             axes[0].axhline(base[0]["teacher_fid"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
@@ -595,9 +702,6 @@ def write_plots(prefix, work):
         axes[0].yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         axes[0].set_ylabel("teacher-FID")
         axes[1].set_ylabel("PSNR (dB)")
-        minutes = curve[-1]["distill_s"] / 60
-        fig.suptitle(f"SFD-2 distillation: {minutes:.0f} min for {kimg[-1]} kimg on {curve[-1]['machine']}",
-                     fontsize=10)
         for ax in axes:
             ax.set_xlabel("distillation kimg")
             ax.grid(True, alpha=0.3)

@@ -124,6 +124,8 @@ def test_sfd2_curve_scores_each_snapshot_and_plots(tmp_path, tiny):
     final = next(row for row in read_rows(work) if row["key"] == "sfd2")
     # The last curve point is the row's own model on the same seeds.
     assert curve[1]["psnr"] == final["psnr"] and curve[1]["teacher_fid"] == final["teacher_fid"]
+    # A point's time runs to the end of the tick that wrote its snapshot (file names floor the kimg: 3.072 -> 3).
+    assert curve[1]["distill_s"] == pytest.approx(final["distill_s"])
     assert curve[0]["psnr"] != final["psnr"]
     assert "SFD-2 distillation curve" in out.read_text()
     # Curve points not scored yet (here: dropped from rows.jsonl) are scored by the same command later, from the
@@ -278,3 +280,65 @@ def test_a_larger_budget_distils_anew_and_the_table_shows_the_longest_trained_mo
     r = run(args + small)
     assert r.exit_code == 0, r.output
     assert read_rows(work) == rows and "| 0.016 kimg |" in out.read_text()
+
+
+@pytest.mark.slow
+def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_kimg(tmp_path, tiny, monkeypatch):
+    """SFD-v's curve at 2 NFE: with --partial a stopped run's kept dump stands in for a snapshot it never wrote
+    (here: a run started with sparser snapshots); the resumed run writes a snapshot every --curve_v_every ticks and
+    those are scored. Each point carries the kimg of the iterations whose student length was the 2-NFE one, as the
+    training loop drew them, and the run's time up to it."""
+    from training import state as train_state
+    from training import training_loop as loop
+
+    drawn = []
+    real_draw = loop.draw_sfdv_num_steps
+
+    def record(step_rng):
+        drawn.append(real_draw(step_rng))
+        return drawn[-1]
+
+    monkeypatch.setattr(loop, "draw_sfdv_num_steps", record)
+    real_save, dumps = train_state.save_training_state, []
+
+    def die_at_the_third_dump(*a, **k):
+        real_save(*a, **k)
+        dumps.append(a[0])
+        if len(dumps) == 3:
+            raise KeyboardInterrupt("killed after the third dump")
+
+    monkeypatch.setattr(train_state, "save_training_state", die_at_the_third_dump)
+    work, out = tmp_path / "work", tmp_path / "t.md"
+    # Ticks of two iterations of 512 end at 1.024, 2.048, ... 6.144 kimg.
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfdv", "--kimg_v", "6", "--batch", "512",
+                   "--tick", "1", "--dump_every", "1"]
+    assert run(args + ["--curve_v_every", "100"]).exit_code == 1
+    monkeypatch.setattr(train_state, "save_training_state", real_save)
+    run_dir = work / "distil" / "sfdv-6kimg"
+    assert len(drawn) == 6 and not list(run_dir.glob("*.safetensors"))
+
+    args += ["--curve_v_every", "2"]  # intervals of ticks 3-4, 5-6: the dump at tick 3 stands in for the first
+    r = run(args + ["--partial", "--plots"])
+    assert r.exit_code == 0, r.output
+    (point,) = [row for row in read_rows(work) if row["key"] == "curve_v"]
+    assert point["kimg"] == pytest.approx(3.072) and point["nfe"] == 2 and point["budget_kimg"] == 6
+    assert point["nfe_kimg"] == pytest.approx(drawn[:6].count(4) * 0.512)
+    stats = [json.loads(line) for line in open(run_dir / "stats.jsonl")]
+    assert point["distill_s"] == pytest.approx(sum(s["sec_per_kimg"] * 1.024 for s in stats[:3]))
+    stopped = {row["nfe"]: row for row in read_rows(work) if row["key"] == "sfdv"}
+    assert stopped[2]["kimg"] == pytest.approx(3.072) and stopped[2]["psnr"] == point["psnr"]  # the same dump
+    assert "SFD-v distillation curve at 2 NFE" in out.read_text()
+    assert (tmp_path / "t-curve.png").exists()
+
+    r = run(args)  # resumes the run to its budget, then scores the curve's new snapshot
+    assert r.exit_code == 0, r.output
+    assert len(drawn) == 12 and not list(run_dir.glob("training-state-*.pt"))
+    assert (run_dir / "network-snapshot-000005.safetensors").exists()  # after tick 5, as the loop snapshots
+    curve = [row for row in read_rows(work) if row["key"] == "curve_v"]
+    assert [row["kimg"] for row in curve] == [pytest.approx(3.072), pytest.approx(5.12)]
+    assert curve[1]["nfe_kimg"] == pytest.approx(drawn[:10].count(4) * 0.512)
+    stats = [json.loads(line) for line in open(run_dir / "stats.jsonl")]
+    assert curve[1]["distill_s"] == pytest.approx(sum(s["sec_per_kimg"] * 1.024 for s in stats[:5]))
+    final = next(row for row in read_rows(work) if row["key"] == "sfdv" and row["nfe"] == 2 and "kimg" not in row)
+    assert curve[1]["psnr"] != final["psnr"]
+    assert "| 3.1 | " in out.read_text() and "| 5.1 | " in out.read_text()
