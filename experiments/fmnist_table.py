@@ -132,11 +132,20 @@ def parse_row_kimg(text):
     return budgets
 
 
+def run_stats(run_dir):
+    """The tick entries of a distillation's stats.jsonl (its times, kimg and machine)."""
+    path = os.path.join(run_dir, "stats.jsonl")
+    if not os.path.isfile(path):
+        raise CommandError(f"{run_dir}: no stats.jsonl beside its snapshots and dumps; copy the run's stats.jsonl "
+                           "with them (it holds the run's times and machine)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def distillation_seconds(run_dir, until_kimg=float("inf")):
     """Wall time of a (possibly resumed) distillation up to `until_kimg`: the sum of its ticks in stats.jsonl."""
     total, last_kimg = 0.0, 0.0
-    for line in open(os.path.join(run_dir, "stats.jsonl")):
-        entry = json.loads(line)
+    for entry in run_stats(run_dir):
         if entry["kimg"] > until_kimg + 1e-9:
             break
         total += entry["sec_per_kimg"] * (entry["kimg"] - last_kimg)
@@ -147,8 +156,8 @@ def distillation_seconds(run_dir, until_kimg=float("inf")):
 def tick_kimg(run_dir, file_kimg):
     """The exact kimg of the tick that wrote a snapshot or dump named by its whole kimg (from stats.jsonl)."""
     found = file_kimg
-    for line in open(os.path.join(run_dir, "stats.jsonl")):
-        kimg = json.loads(line)["kimg"]
+    for entry in run_stats(run_dir):
+        kimg = entry["kimg"]
         if int(kimg) == file_kimg:
             found = kimg  # a later tick with the same whole kimg overwrote the file
     return found
@@ -167,7 +176,7 @@ def curve_points(run_dir, every_ticks, scored=()):
     none of the kimg `scored` yet, oldest first. Interval k holds ticks k·every_ticks + 1 .. (k+1)·every_ticks, so
     a snapshot the loop writes every `every_ticks` ticks opens one; the first interval is left out, as the loop's
     first snapshot is. An interval's point is its snapshot where it has one, else its first dump."""
-    stats = [json.loads(line) for line in open(os.path.join(run_dir, "stats.jsonl"))]
+    stats = run_stats(run_dir)
     if not stats:
         return []
 
@@ -207,13 +216,10 @@ def distil(run_dir, teacher_path, kimg, batch, device, seed, tick, dump_every, s
 
 def run_machine(run_dir):
     """Where a distillation ran, from its stats.jsonl ('device'; older runs: a CUDA GPU when mixed precision was on)."""
-    last = None
-    with open(os.path.join(run_dir, "stats.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                last = json.loads(line)
-    if last is None:
+    stats = run_stats(run_dir)
+    if not stats:
         return None
+    last = stats[-1]
     return last.get("device") or ("CUDA GPU" if last.get("precision", "fp32") != "fp32" else "CPU")
 
 

@@ -227,6 +227,12 @@ def test_partial_scores_a_stopped_run_at_its_dump_then_the_finished_model_replac
     assert stopped["distill_machine"] == json.loads((run_dir / "stats.jsonl").read_text())["device"]
     assert stopped["distill_s"] > 0
     assert "| 0.004 of 0.012 kimg (stopped) |" in out.read_text()
+    # Dumps copied without their stats.jsonl (times, machine): a one-line error that says what to copy.
+    stats = (run_dir / "stats.jsonl").read_text()
+    (run_dir / "stats.jsonl").unlink()
+    r = run(args + ["--rows", "sfd3", "--partial"])
+    assert r.exit_code == 2 and "no stats.jsonl" in r.output and "Traceback" not in r.output, r.output
+    (run_dir / "stats.jsonl").write_text(stats)
 
     # The scored network holds the dump's weights.
     model = fmnist_table.Trained.from_dump(str(dumps[0]), tiny[tiny.index("--teacher") + 1], False, 0.012, "cpu")
