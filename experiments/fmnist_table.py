@@ -142,13 +142,40 @@ def run_stats(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_pauses(run_dir):
+    """{tick kimg: seconds} of the times a run's process stood stopped (SIGSTOP) inside a tick, from the run's
+    pauses.jsonl when it has one: a line per pause, {"kimg": the kimg that tick ends at, "seconds": how long, and
+    whatever says when and why}. The loop's wall clock cannot tell a stopped process from a slow one."""
+    path = os.path.join(run_dir, "pauses.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    ticks = {round(entry["kimg"], 3): entry["sec_per_kimg"] for entry in run_stats(run_dir)}
+    pauses = {}
+    with open(path) as f:
+        for line in filter(str.strip, f):
+            pause = json.loads(line)
+            kimg = round(float(pause["kimg"]), 3)
+            if kimg not in ticks:
+                raise CommandError(f"{path}: no tick of the run ends at {kimg} kimg; name the kimg of the tick that "
+                                   "holds the pause, as stats.jsonl has it")
+            pauses[kimg] = pauses.get(kimg, 0.0) + float(pause["seconds"])
+    previous = dict(zip(sorted(ticks), [0.0] + sorted(ticks)[:-1]))
+    for kimg, seconds in pauses.items():
+        if not 0 < seconds < ticks[kimg] * (kimg - previous[kimg]):
+            raise CommandError(f"{path}: the pauses at {kimg} kimg ({seconds:g} s) do not fit inside that tick; "
+                               "fix their seconds")
+    return pauses
+
+
 def distillation_seconds(run_dir, until_kimg=float("inf")):
-    """Wall time of a (possibly resumed) distillation up to `until_kimg`: the sum of its ticks in stats.jsonl."""
+    """Wall time of a (possibly resumed) distillation up to `until_kimg`: the sum of its ticks in stats.jsonl, less
+    the pauses recorded in its pauses.jsonl."""
     total, last_kimg = 0.0, 0.0
+    pauses = run_pauses(run_dir)
     for entry in run_stats(run_dir):
         if entry["kimg"] > until_kimg + 1e-9:
             break
-        total += entry["sec_per_kimg"] * (entry["kimg"] - last_kimg)
+        total += entry["sec_per_kimg"] * (entry["kimg"] - last_kimg) - pauses.get(round(entry["kimg"], 3), 0.0)
         last_kimg = entry["kimg"]
     return total
 

@@ -109,6 +109,24 @@ def test_table_bad_options_are_one_line_errors(tmp_path, tiny, option, value, wo
     assert "Traceback" not in r.output
 
 
+def test_distillation_time_leaves_out_the_pauses_a_run_records(tmp_path):
+    """A run stopped with SIGSTOP inside a tick (e.g. while its snapshot was scored) lists the pause in
+    pauses.jsonl; its time up to and after that tick leaves it out, and a pause that names no tick, or does not fit
+    inside its tick, is a one-line error."""
+    ticks = [(2.048, 100.0), (4.096, 500.0), (6.144, 110.0)]
+    (tmp_path / "stats.jsonl").write_text("".join(json.dumps(dict(kimg=k, sec_per_kimg=s)) + "\n" for k, s in ticks))
+    wall = [2.048 * s for _, s in ticks]
+    assert fmnist_table.distillation_seconds(tmp_path) == pytest.approx(sum(wall))
+    (tmp_path / "pauses.jsonl").write_text(json.dumps(dict(kimg=4.096, seconds=600, why="scored")) + "\n")
+    assert fmnist_table.distillation_seconds(tmp_path, 2.048) == pytest.approx(wall[0])
+    assert fmnist_table.distillation_seconds(tmp_path, 4.096) == pytest.approx(wall[0] + wall[1] - 600)
+    assert fmnist_table.distillation_seconds(tmp_path) == pytest.approx(sum(wall) - 600)
+    for pause, words in [(dict(kimg=5.0, seconds=60), "no tick"), (dict(kimg=4.096, seconds=2000), "do not fit")]:
+        (tmp_path / "pauses.jsonl").write_text(json.dumps(pause) + "\n")
+        with pytest.raises(fmnist_table.CommandError, match=words):
+            fmnist_table.distillation_seconds(tmp_path)
+
+
 @pytest.mark.slow
 def test_sfd2_curve_scores_each_snapshot_and_plots(tmp_path, tiny):
     pytest.importorskip("matplotlib")  # experiments/requirements.txt; CI installs it
