@@ -25,6 +25,10 @@ a crash, a kill or the end of a session continues where it stopped. `--rows` res
 folder made with other settings is refused. `--partial` trains nothing and scores each unfinished distillation at its
 latest dump (a row "K of B kimg (stopped)", replaced by the finished model's row once the run completes); dumps made on
 another machine with the same settings can be copied into `<workdir>/distil/` for that.
+
+Beside `--out` the script writes `<out stem>-rows.json`: every row of the work folder, with its settings. Commit it
+with the table: `--rows_file` reads it back (rows made with other settings are refused), so that `--table_only`
+rebuilds the table and plots without the work folder, and a new run adds only the rows it lacks.
 """
 
 import glob
@@ -327,6 +331,27 @@ class WorkFolder:
                     row = json.loads(line)
                     self.rows.setdefault(self.row_id(row), row)
 
+    def merge_rows_file(self, path, settings):
+        """Count the rows of a rows file (written beside another run's table) as finished here; this folder's own
+        rows win where both hold the same row."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            theirs, rows = data["settings"], data["rows"]
+            ids = [self.row_id(row) for row in rows]
+        except FileNotFoundError:
+            raise CommandError(f"--rows_file: no file {path}; pass the <table>-rows.json an earlier run wrote")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CommandError(f"--rows_file: {path} is not a rows file ({type(e).__name__}: {e}); pass the "
+                               "<table>-rows.json an earlier run wrote")
+        changed = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+        if changed:
+            k = changed[0]
+            raise CommandError(f"--rows_file: {path} holds rows made with {k}={theirs.get(k)!r}, not "
+                               f"{settings.get(k)!r}; merge only rows made with the same settings")
+        for row_id, row in zip(ids, rows):
+            self.rows.setdefault(row_id, row)
+
     def add_row(self, row):
         self.rows[self.row_id(row)] = row
         with open(self.rows_file, "a") as f:
@@ -414,6 +439,9 @@ def file_id(path):
               help="Distil nothing: score unfinished distillations at their latest training-state dump (the table "
                    "says 'K of B kimg'); finished ones as usual")
 @click.option("--table_only", is_flag=True, help="Only write the table (and plots) of the rows already finished")
+@click.option("--rows_file", "rows_files", multiple=True,
+              help="Rows an earlier run wrote beside its table (<out stem>-rows.json), counted as finished here: "
+                   "rebuild a table without its work folder, or merge runs made elsewhere (repeatable)")
 @click.option("--plots", is_flag=True, help="Also write <out>-nfe.png and <out>-curve.png (needs matplotlib)")
 @click.option("--channels_last", type=bool, default=False, show_default=True,
               help="Channels-last networks for sampling and distillation (same numbers, faster on some machines)")
@@ -427,7 +455,7 @@ def file_id(path):
 @click.option("--device", default=None)
 def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg, batch, lr, lr2, thresholding,
          sample_batch, reference_steps, tick, curve_every, curve_v_every, dump_every, rows_text, partial, table_only,
-         plots, channels_last, compile_, workdir, out, device):
+         rows_files, plots, channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     wanted = parse_rows(rows_text)
     budgets = {k: kimg for k in ("sfd2", "sfd3", "sfd4", "sfd5")}
@@ -441,6 +469,8 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
                     batch=batch, lr=lr, lr2=lr2, thresholding=thresholding, reference_steps=reference_steps,
                     tick=tick, curve_every=curve_every)
     work = WorkFolder(workdir, settings)
+    for path in rows_files:
+        work.merge_rows_file(path, settings)
     if table_only:
         finish(out, work, settings, plots)
         return
@@ -588,8 +618,24 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
 
 def finish(out, work, settings, plots):
     write_table(out, work, settings)
+    write_rows_file(out, work, settings)
     if plots:
         write_plots(os.path.splitext(out)[0], work)
+
+
+def rows_file_path(out):
+    """Every row behind a table, kept beside it so that the table and its plots can be rebuilt (`--rows_file`)
+    without the work folder, and merged with other runs' rows."""
+    return os.path.splitext(out)[0] + "-rows.json"
+
+
+def write_rows_file(out, work, settings):
+    order = {k: i for i, k in enumerate(ROW_KEYS + ("curve", CURVE_V_KEY))}
+    rows = sorted(work.rows.values(), key=lambda r: (order.get(r["key"], len(order)), r["key"], r["nfe"],
+                                                    r.get("budget_kimg") or 0, r.get("kimg") or 0))
+    lines = ",\n".join("  " + json.dumps(r) for r in rows)
+    text = f'{{"settings": {json.dumps(settings)},\n "rows": [\n{lines}\n]}}\n'
+    write_atomic(rows_file_path(out), text)
 
 
 def max_budget(work):

@@ -7,11 +7,11 @@
 # idle), each with its own work folder under $WORK; the baselines and the ladder run beside them. At DEADLINE_S the
 # processes still running are stopped; their training-state dumps stay resumable with the same fmnist_table.py
 # command. What comes back in $OUT:
-#   results.tar.gz   every work folder's rows.jsonl, settings.json, stats.jsonl and done.json, the ladder's report,
+#   results.tar.gz   every work folder's rows.jsonl, table-rows.json, settings.json, stats.jsonl and done.json, the ladder's report,
 #                    the logs;
 #   <row>.safetensors the final snapshot of every finished distillation (for grids and re-scoring);
 #   <row>-state.pt   the latest dump of a distillation that did not finish (resume it elsewhere).
-# Merge the rows into one table with `fmnist_table.py --table_only` on a work folder holding them (see the README).
+# Merge the rows into one table with `fmnist_table.py --table_only --rows_file <each work folder's table-rows.json>`.
 # To continue an earlier call, put its dumps back under $WORK/<row>/distil/<row>-<kimg>kimg/ (with its stats.jsonl
 # and settings.json) and name $WORK in the device call's carry: each distillation resumes from its latest dump.
 # PROCS picks the processes (e.g. PROCS="sfd3 sfd4 sfd5 sfdv" KIMG_V=800 KIMG2=2000 to finish the first-stage rows

@@ -99,6 +99,39 @@ def test_table_rows_subset_then_the_rest(tmp_path, tiny):
     assert table.endswith(" |\n\nWhere the rows come from: a test.\n") and table.count("a test.") == 1
 
 
+def test_rows_file_rebuilds_the_table_without_its_work_folder_and_merges_runs(tmp_path, tiny):
+    out = tmp_path / "t.md"
+    r = run(tiny + ["--workdir", str(tmp_path / "a"), "--out", str(out), "--rows", "ddim10,dpmpp5"])
+    assert r.exit_code == 0, r.output
+    table, rows_file = out.read_text(), tmp_path / "t-rows.json"
+    saved = json.loads(rows_file.read_text())
+    assert [row["key"] for row in saved["rows"]] == ["ddim10", "dpmpp5"] and saved["rows"] == read_rows(tmp_path / "a")
+
+    # The work folder is gone: the rows file alone gives the same table.
+    out.unlink()
+    rows_file.rename(tmp_path / "kept-rows.json")
+    args = tiny + ["--workdir", str(tmp_path / "b"), "--out", str(out), "--rows_file", str(tmp_path / "kept-rows.json")]
+    r = run(args + ["--table_only"])
+    assert r.exit_code == 0, r.output
+    assert out.read_text() == table and json.loads(rows_file.read_text()) == saved
+
+    # A new run next to the merged rows computes only what they lack; the table and its rows file hold both.
+    r = run(args + ["--rows", "ddim10,dpmpp5,ddim50"])
+    assert r.exit_code == 0, r.output
+    assert [row["key"] for row in read_rows(tmp_path / "b")] == ["ddim50"]
+    merged = json.loads(rows_file.read_text())["rows"]
+    assert [row["key"] for row in merged] == ["ddim10", "ddim50", "dpmpp5"] and merged[0] == saved["rows"][0]
+    assert out.read_text().count("| DDIM (Euler) |") == 2
+
+    # Rows made with other settings, a missing file, or a file of something else: one-line errors.
+    r = run(["--num", "7"] + args[2:] + ["--workdir", str(tmp_path / "c"), "--table_only"])
+    assert r.exit_code == 2 and "--rows_file" in r.output and "num=6" in r.output, r.output
+    for bad, words in ((tmp_path / "none.json", "no file"), (out, "not a rows file")):
+        r = run(tiny + ["--workdir", str(tmp_path / "d"), "--out", str(tmp_path / "e.md"), "--rows_file", str(bad),
+                        "--table_only"])
+        assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
 @pytest.mark.parametrize("option, value, words", [("--rows", "sfd7", ["--rows", "sfd7"]),
                                                    ("--row_kimg", "ddim10=5", ["--row_kimg", "ddim10"]),
                                                    ("--row_kimg", "sfd3=abc", ["--row_kimg", "ROW=KIMG"]),
@@ -366,3 +399,15 @@ def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_k
     final = next(row for row in read_rows(work) if row["key"] == "sfdv" and row["nfe"] == 2 and "kimg" not in row)
     assert curve[1]["psnr"] != final["psnr"]
     assert "| 3.1 | " in out.read_text() and "| 5.1 | " in out.read_text()
+
+
+def test_the_committed_table_is_what_its_committed_rows_give(tmp_path):
+    """experiments/fmnist_table.md (the README's numbers) rebuilds from experiments/fmnist_table-rows.json alone."""
+    table = os.path.join(ROOT, "experiments", "fmnist_table.md")
+    out = tmp_path / "fmnist_table.md"
+    (tmp_path / "fmnist_table-notes.md").write_text(
+        open(os.path.join(ROOT, "experiments", "fmnist_table-notes.md"), encoding="utf-8").read(), encoding="utf-8")
+    r = run(["--num", "10000", "--tick", "2", "--curve_every", "5", "--workdir", str(tmp_path / "work"),
+             "--out", str(out), "--table_only", "--rows_file", os.path.join(ROOT, "experiments", "fmnist_table-rows.json")])
+    assert r.exit_code == 0, r.output
+    assert out.read_text(encoding="utf-8") == open(table, encoding="utf-8").read()
