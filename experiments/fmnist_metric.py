@@ -39,7 +39,7 @@ from metrics.detectors import compute_features, load_detector  # noqa: E402
 from metrics.frechet import FeatureStats, frechet_distance, load_ref, save_ref  # noqa: E402
 from models import load_network  # noqa: E402
 from torch_utils.cli import CommandError  # noqa: E402
-from training.precision import maybe_compile, prepare_module  # noqa: E402
+from training.precision import full_fp32, maybe_compile, prepare_module  # noqa: E402
 
 REF_SEED0 = 100_000
 SEED_SETS = {"A": 0, "B": 50_000}
@@ -123,6 +123,7 @@ def is_monotone(values):
 def main(teacher, detectors, data_refs, num, ref_num, sets_text, write_ref, sample_batch, channels_last, compile_,
          workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    full_fp32()  # rows made on a GPU compare with rows made on a CPU
     det_paths = [p for p in detectors.split(",") if p]
     sets = [s.strip() for s in sets_text.split(",") if s.strip()]
     for s in sets:

@@ -56,7 +56,7 @@ from models import load_network  # noqa: E402
 from sample import SeedGenerators, to_uint8  # noqa: E402
 from torch_utils.cli import CommandError, machine_name  # noqa: E402
 from training import state as train_state  # noqa: E402
-from training.precision import maybe_compile, prepare_module  # noqa: E402
+from training.precision import full_fp32, maybe_compile, prepare_module  # noqa: E402
 from training.sfd_loss import SFDV_NUM_STEPS  # noqa: E402
 from training.training_loop import draw_sfdv_num_steps, training_loop  # noqa: E402
 
@@ -457,6 +457,7 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
          sample_batch, reference_steps, tick, curve_every, curve_v_every, dump_every, rows_text, partial, table_only,
          rows_files, plots, channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    full_fp32()  # rows made on a GPU compare with rows made on a CPU
     wanted = parse_rows(rows_text)
     budgets = {k: kimg for k in ("sfd2", "sfd3", "sfd4", "sfd5")}
     budgets.update(sfdv=kimg_v, stage2=kimg2)

@@ -28,6 +28,7 @@ from metrics.detectors import load_detector  # noqa: E402
 from metrics.frechet import load_ref  # noqa: E402
 from models import load_network  # noqa: E402
 from torch_utils.cli import CommandError  # noqa: E402
+from training.precision import full_fp32  # noqa: E402
 
 SOLVER, NFE = "dpmpp", 20
 
@@ -47,6 +48,7 @@ SOLVER, NFE = "dpmpp", 20
 @click.option("--device", default=None)
 def main(run_dir, every, kimgs, detectors, data_refs, num, sample_batch, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    full_fp32()  # rows made on a GPU compare with rows made on a CPU
     wanted = None if kimgs is None else {int(k) for k in kimgs.split(",") if k.strip()}
     snaps = [p for p in sorted(glob.glob(os.path.join(run_dir, "network-snapshot-*.pkl")))
              if wanted is None or int(re.search(r"network-snapshot-(\d+)", p).group(1)) in wanted]

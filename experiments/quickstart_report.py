@@ -27,7 +27,7 @@ from metrics.frechet import load_ref  # noqa: E402
 from models import load_network  # noqa: E402
 from sample import latest_snapshot_in  # noqa: E402
 from torch_utils.cli import CommandError  # noqa: E402
-from training.precision import prepare_module  # noqa: E402
+from training.precision import full_fp32, prepare_module  # noqa: E402
 
 BASELINE_NFE = 5
 
@@ -58,6 +58,7 @@ def distillation_minutes(run_dir):
 @click.option("--device", default=None)
 def main(student, teacher, detector, ref, teacher_ref, num, batch, channels_last, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    full_fp32()  # rows made on a GPU compare with rows made on a CPU
     for path, opt in ((teacher, "--teacher"), (detector, "--detector"), (ref, "--ref"), (teacher_ref, "--teacher_ref")):
         if not os.path.isfile(path):
             raise CommandError(f"{opt}: no file {path}; pass an existing file")

@@ -70,3 +70,21 @@ def test_training_and_sampling_switch_tf32_off(tmp_path, tiny_teacher_pkl, tf32_
                                          "--device", "cpu", "--outdir", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     assert not tf32_on.cuda.matmul.allow_tf32 and not tf32_on.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("script, args", [
+    ("fmnist_table", ["--table_only", "--num", "6"]),
+    ("fmnist_metric", ["--sets", "nosuchset"]),
+    ("fmnist_teacher_curve", ["--run", "no-such-run"]),
+    ("quickstart_report", ["--student", "no-such-student"]),
+])
+def test_experiment_scripts_switch_tf32_off_before_anything_else(tmp_path, monkeypatch, tf32_on, script, args):
+    """Their rows are compared across machines (H200 baselines beside CPU students): fp32 there too."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"experiments.{script}")
+    r = CliRunner().invoke(module.main, args + ["--device", "cpu"] + (
+        ["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "t.md")] if script == "fmnist_table" else []))
+    assert "Traceback" not in r.output, r.output
+    assert not tf32_on.cuda.matmul.allow_tf32 and not tf32_on.cudnn.allow_tf32

@@ -14,16 +14,21 @@ import torch
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 
+def full_fp32():
+    """fp32 means fp32: no TF32 in CUDA matmuls or convolutions (as EDM and the paper set it for training). PyTorch
+    leaves TF32 on for cuDNN convolutions by default, so the training loop, sample.py and every experiment script
+    whose rows are compared across machines call this first."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 class RunMode:
     def __init__(self, precision, device, modules, armed_on_cpu=False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = device
         self.modules = list(modules)
-        # fp32 means fp32: no TF32 in matmuls or convolutions (as EDM and the paper set it); the fp32 fallback
-        # after a NaN and the fp32 baseline of the equivalence check rely on it.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        full_fp32()  # the fp32 fallback after a NaN and the fp32 baseline of the equivalence check rely on it
         armed = device.type == "cuda" or armed_on_cpu
         self.precision = precision if armed else "fp32"
         self._apply()
