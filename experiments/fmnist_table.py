@@ -32,6 +32,7 @@ rebuilds the table and plots without the work folder, and a new run adds only th
 """
 
 import glob
+import hashlib
 import json
 import os
 import random
@@ -245,6 +246,13 @@ def distil(run_dir, teacher_path, kimg, batch, device, seed, tick, dump_every, s
     return os.path.join(run_dir, json.load(open(done_marker))["snapshot"]), distillation_seconds(run_dir)
 
 
+def run_id(run_dir):
+    """Which distillation a row of a stopped model or a curve point comes from: the run folder's name and a digest
+    of its first tick in stats.jsonl, which resuming keeps and a run started again from scratch does not."""
+    first = open(os.path.join(run_dir, "stats.jsonl"), "rb").readline()
+    return f"{os.path.basename(run_dir)}@{hashlib.sha1(first).hexdigest()[:8]}"
+
+
 def run_machine(run_dir):
     """Where a distillation ran, from its stats.jsonl ('device'; older runs: a CUDA GPU when mixed precision was on)."""
     stats = run_stats(run_dir)
@@ -260,9 +268,10 @@ class Trained:
     budget: the run's kimg budget; seconds: its wall time so far; kimg: where a stopped run stands (None: finished);
     machine: where it was distilled; path: a finished run's snapshot."""
 
-    def __init__(self, load, budget, seconds, machine, kimg=None, path=None):
+    def __init__(self, load, budget, seconds, machine, kimg=None, path=None, run=None):
         self._load, self._net = load, None
         self.budget, self.seconds, self.machine, self.kimg, self.path = budget, seconds, machine, kimg, path
+        self.run = run  # a stopped model's run_id
 
     def net(self):
         if self._net is None:
@@ -281,7 +290,7 @@ class Trained:
             net.load_state_dict(dump["net"])
             return net.eval().requires_grad_(False)
 
-        return cls(load, budget, distillation_seconds(run_dir, at), run_machine(run_dir), kimg=at)
+        return cls(load, budget, distillation_seconds(run_dir, at), run_machine(run_dir), kimg=at, run=run_id(run_dir))
 
 
 def snapshots_of(run_dir):
@@ -317,11 +326,13 @@ class WorkFolder:
 
     @staticmethod
     def row_id(row):
-        """A row is its method and NFE, the budget of its distillation and, for a stopped one, the kimg reached."""
-        return (row["key"], row["nfe"], row.get("budget_kimg"), row.get("kimg"))
+        """A row is its method and NFE, the budget of its distillation and, for a stopped model or a curve point,
+        the kimg reached and the run (two runs of one budget, one started again from scratch, stay apart)."""
+        at = row.get("kimg")
+        return (row["key"], row["nfe"], row.get("budget_kimg"), at, row.get("run") if at is not None else None)
 
-    def has(self, key, nfe, budget=None, kimg=None):
-        return (key, nfe, budget, kimg) in self.rows
+    def has(self, key, nfe, budget=None, kimg=None, run=None):
+        return (key, nfe, budget, kimg, run if kimg is not None else None) in self.rows
 
     def reload_rows(self):
         """Rows in rows.jsonl (also those another process appended to the same folder since)."""
@@ -389,7 +400,7 @@ class WorkFolder:
     def curve_rows(self, key="curve"):
         """The points of a distillation curve ("curve": SFD-2's, CURVE_V_KEY: SFD-v's), by budget and kimg."""
         return sorted((r for r in self.rows.values() if r["key"] == key),
-                      key=lambda r: (r.get("budget_kimg") or 0, r["kimg"]))
+                      key=lambda r: (r.get("budget_kimg") or 0, r.get("run") or "", r["kimg"]))
 
 
 def file_id(path):
@@ -504,13 +515,13 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
     def add(key, name, nfe, make_images, model=None):
         """model: the row's distilled model (a Trained); a stopped one's rows are kept apart by its kimg."""
         at, budget = (model.kimg, model.budget) if model is not None else (None, None)
-        if work.has(key, nfe, budget, at):
+        if work.has(key, nfe, budget, at, model.run if model is not None else None):
             return
         row = dict(key=key, method=name, nfe=nfe, **score(make_images()), machine=machine, num=num)
         if model is not None:
             row.update(budget_kimg=model.budget, distill_s=model.seconds, distill_machine=model.machine)
             if at is not None:
-                row["kimg"] = at
+                row.update(kimg=at, run=model.run)
         work.add_row(row)
 
     def teacher_row(key, name, nfe, sampler, **kwargs):
@@ -578,8 +589,12 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
 
     def sfdv_curve_todo():
         """SFD-v curve points (snapshots, or dumps of a stopped run) in intervals not scored yet."""
-        scored = [r["kimg"] for r in work.curve_rows(CURVE_V_KEY) if r["budget_kimg"] == budgets["sfdv"]]
-        return curve_points(run_dir_v, curve_v_every, scored) if os.path.isdir(run_dir_v) else []
+        if not os.path.isfile(os.path.join(run_dir_v, "stats.jsonl")):
+            return []
+        run = run_id(run_dir_v)
+        scored = [r["kimg"] for r in work.curve_rows(CURVE_V_KEY)
+                  if r["budget_kimg"] == budgets["sfdv"] and r.get("run") == run]
+        return curve_points(run_dir_v, curve_v_every, scored)
 
     def score_sfdv_curve():
         for at, path in sfdv_curve_todo():
@@ -591,7 +606,8 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
             images = student_images(net, num_steps, step_condition=num_steps)
             work.add_row(dict(key=CURVE_V_KEY, method="SFD-v", nfe=CURVE_V_NFE, kimg=at, **score(images),
                               nfe_kimg=nfe_share_kimg(at, batch, num_steps), budget_kimg=budgets["sfdv"],
-                              distill_s=distillation_seconds(run_dir_v, at), machine=machine, num=num))
+                              distill_s=distillation_seconds(run_dir_v, at), machine=machine, num=num,
+                              run=run_id(run_dir_v)))
 
     if "sfdv" in wanted and (not all(work.has("sfdv", n, budgets["sfdv"]) for n in SFDV_NFES)
                              or sfdv_curve_todo()):
@@ -691,8 +707,11 @@ def write_table(out, work, settings):
                       f"iterations that drew the {CURVE_V_NFE}-NFE student, a quarter on average):", "",
                   f"| kimg | kimg at {CURVE_V_NFE} NFE | teacher-FID | data-FID | PSNR (dB) | distillation time |",
                   "|---|---|---|---|---|---|"]
+        runs = sorted({r.get("run") or "" for r in curve_v})
+
         def at(r):
-            return f"{r['kimg']:.1f}" + (f" of {r['budget_kimg']:g}" if len(budgets) > 1 else "")
+            return (f"{r['kimg']:.1f}" + (f" of {r['budget_kimg']:g}" if len(budgets) > 1 else "")
+                    + (f" (run {r.get('run') or '-'})" if len(runs) > 1 else ""))
 
         lines += [f"| {at(r)} | {r['nfe_kimg']:.1f} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {r['psnr']:.2f} | "
                   f"{format_minutes(r['distill_s'])} |" for r in curve_v]
@@ -760,6 +779,8 @@ def write_plots(prefix, work):
 
     curve = work.curve_rows()
     curve_v = [r for r in work.curve_rows(CURVE_V_KEY) if r["budget_kimg"] == max_budget(work)]
+    furthest = max(curve_v, key=lambda r: r["kimg"], default={}).get("run")
+    curve_v = [r for r in curve_v if r.get("run") == furthest]  # one run: the one that got furthest
     if curve or curve_v:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         if curve:

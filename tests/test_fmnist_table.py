@@ -411,3 +411,43 @@ def test_the_committed_table_is_what_its_committed_rows_give(tmp_path):
              "--out", str(out), "--table_only", "--rows_file", os.path.join(ROOT, "experiments", "fmnist_table-rows.json")])
     assert r.exit_code == 0, r.output
     assert out.read_text(encoding="utf-8") == open(table, encoding="utf-8").read()
+
+
+def test_a_run_started_again_keeps_its_own_curve_apart_from_a_lost_runs_rows(tmp_path, tiny, monkeypatch):
+    """A work folder lost and its SFD-v run started again from scratch: the merged rows of the first run do not
+    count as the new run's curve points (the two are different runs at the same kimg), and the table tells them
+    apart."""
+    from training import state as train_state
+
+    real_save = train_state.save_training_state
+
+    def stopped_run_scored(work):
+        dumps = []
+
+        def die_at_the_third_dump(*a, **k):
+            real_save(*a, **k)
+            dumps.append(a[0])
+            if len(dumps) == 3:
+                raise KeyboardInterrupt("killed after the third dump")
+
+        args = tiny + ["--workdir", str(work), "--out", str(tmp_path / f"{work.name}.md"), "--rows", "sfdv",
+                       "--kimg_v", "6", "--batch", "512", "--tick", "1", "--dump_every", "1", "--curve_v_every", "2"]
+        monkeypatch.setattr(train_state, "save_training_state", die_at_the_third_dump)
+        assert run(args).exit_code == 1
+        monkeypatch.setattr(train_state, "save_training_state", real_save)
+        return args + ["--partial"]
+
+    r = run(stopped_run_scored(tmp_path / "lost"))
+    assert r.exit_code == 0, r.output
+    (first,) = [row for row in read_rows(tmp_path / "lost") if row["key"] == "curve_v"]
+    assert first["run"].startswith("sfdv-6kimg@")
+
+    args = stopped_run_scored(tmp_path / "again") + ["--rows_file", str(tmp_path / "lost-rows.json")]
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    (second,) = [row for row in read_rows(tmp_path / "again") if row["key"] == "curve_v"]
+    assert second["kimg"] == first["kimg"] and second["run"] != first["run"]
+    rows = json.loads((tmp_path / "again-rows.json").read_text())["rows"]
+    assert sorted(row["run"] for row in rows if row["key"] == "curve_v") == sorted([first["run"], second["run"]])
+    table = (tmp_path / "again.md").read_text()
+    assert f"| 3.1 (run {first['run']}) |" in table and f"| 3.1 (run {second['run']}) |" in table
