@@ -28,7 +28,9 @@ another machine with the same settings can be copied into `<workdir>/distil/` fo
 
 Beside `--out` the script writes `<out stem>-rows.json`: every row of the work folder, with its settings. Commit it
 with the table: `--rows_file` reads it back (rows made with other settings are refused), so that `--table_only`
-rebuilds the table and plots without the work folder, and a new run adds only the rows it lacks.
+rebuilds the table and plots without the work folder, and a new run adds only the rows it lacks. A stopped model's
+row and a curve point name the run they come from (`run_id`), so a distillation started again from scratch after
+its work folder was lost keeps its own points beside the merged ones of the lost run.
 """
 
 import glob
