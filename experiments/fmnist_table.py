@@ -15,7 +15,9 @@ SFD-2 also records its distillation curve: a snapshot every `--curve_every` tick
 records one at 2 NFE, where it trails SFD most: a snapshot every `--curve_v_every` ticks (with `--partial`, the kept
 dumps of a stopped run stand in for them), each scored with the kimg the run spent on that NFE's student length
 (replayed from the run's seeded draw; a quarter of the whole on average), so that it compares with SFD-2's curve.
-`--plots` writes the quality-vs-NFE plot and the curve (needs matplotlib; without it only the table is written).
+The second stage records its 1-NFE student every `--curve_2_every` ticks likewise (a point's time leaves out the
+SFD-v model the stage starts from; its table row includes it).
+`--plots` writes the quality-vs-NFE plot and the curves (needs matplotlib; without it only the table is written).
 
     python experiments/fmnist_table.py --num 10000 --workdir exps/table --out experiments/fmnist_table.md --plots
 
@@ -73,6 +75,8 @@ SFDV_NFES = tuple(solvers.nfe_of("euler", n, afs=True) for n in range(SFDV_NUM_S
 CURVE_KEY = "sfd2"
 # SFD-v's curve: its one model scored at its hardest NFE, where it stands furthest from SFD.
 CURVE_V_KEY, CURVE_V_NFE = "curve_v", SFDV_NFES[0]
+# The second stage's curve: its 1-NFE student along its run.
+CURVE_2_KEY, CURVE_2_NFE = "curve_2", 1
 SFDV_SEED, STAGE2_SEED = 10, 11  # training seeds (SFD-N uses N): they fix SFD-v's sequence of student lengths
 
 
@@ -444,6 +448,8 @@ def file_id(path):
 @click.option("--curve_v_every", type=click.IntRange(min=1), default=40, show_default=True,
               help="SFD-v snapshot interval in ticks; its curve (2 NFE) scores the first snapshot, or with --partial "
                    "the first kept dump, at or past each multiple")
+@click.option("--curve_2_every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Second-stage snapshot interval in ticks; its curve (1 NFE) scores each, like --curve_v_every")
 @click.option("--dump_every", help="Training-state dump interval of the distillations in ticks",
               type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--rows", "rows_text", help=f"Comma-separated rows to compute  [default: all: {','.join(ROW_KEYS)}]",
@@ -467,8 +473,8 @@ def file_id(path):
               show_default=True)
 @click.option("--device", default=None)
 def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg, batch, lr, lr2, thresholding,
-         sample_batch, reference_steps, tick, curve_every, curve_v_every, dump_every, rows_text, partial, table_only,
-         rows_files, plots, channels_last, compile_, workdir, out, device):
+         sample_batch, reference_steps, tick, curve_every, curve_v_every, curve_2_every, dump_every, rows_text,
+         partial, table_only, rows_files, plots, channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full_fp32()  # rows made on a GPU compare with rows made on a CPU
     wanted = parse_rows(rows_text)
@@ -587,29 +593,38 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
         return trained("sfdv", teacher, SFDV_SEED, conditioned=True, num_steps=4,
                        snapshot_ticks=curve_v_every, **common)
 
-    run_dir_v = work.run_dir("sfdv", budgets["sfdv"])
+    run_dir_v, run_dir_2 = work.run_dir("sfdv", budgets["sfdv"]), work.run_dir("stage2", budgets["stage2"])
+
+    def curve_todo(curve_key, run_dir, every, budget):
+        """A run's curve points (snapshots, or dumps of a stopped run) in intervals not scored yet."""
+        if not os.path.isfile(os.path.join(run_dir, "stats.jsonl")):
+            return []
+        run = run_id(run_dir)
+        scored = [r["kimg"] for r in work.curve_rows(curve_key) if r["budget_kimg"] == budget and r.get("run") == run]
+        return curve_points(run_dir, every, scored)
 
     def sfdv_curve_todo():
-        """SFD-v curve points (snapshots, or dumps of a stopped run) in intervals not scored yet."""
-        if not os.path.isfile(os.path.join(run_dir_v, "stats.jsonl")):
-            return []
-        run = run_id(run_dir_v)
-        scored = [r["kimg"] for r in work.curve_rows(CURVE_V_KEY)
-                  if r["budget_kimg"] == budgets["sfdv"] and r.get("run") == run]
-        return curve_points(run_dir_v, curve_v_every, scored)
+        return curve_todo(CURVE_V_KEY, run_dir_v, curve_v_every, budgets["sfdv"])
 
-    def score_sfdv_curve():
-        for at, path in sfdv_curve_todo():
+    def stage2_curve_todo():
+        return curve_todo(CURVE_2_KEY, run_dir_2, curve_2_every, budgets["stage2"])
+
+    def score_curve(curve_key, method, nfe, run_dir, todo, budget, model_path, conditioned, extra=lambda at: {}):
+        """Score a run's curve points at `nfe` (a step-conditioned student: sampled at its own num_steps)."""
+        for at, path in todo:
             if path.endswith(".pt"):
-                net = Trained.from_dump(path, teacher, True, budgets["sfdv"], device).net()
+                net = Trained.from_dump(path, model_path, conditioned, budget, device).net()
             else:
                 net = load_network(model_path=path, device=device).net
-            num_steps = CURVE_V_NFE + 2
+            num_steps = nfe + 2
             images = student_images(net, num_steps, step_condition=num_steps)
-            work.add_row(dict(key=CURVE_V_KEY, method="SFD-v", nfe=CURVE_V_NFE, kimg=at, **score(images),
-                              nfe_kimg=nfe_share_kimg(at, batch, num_steps), budget_kimg=budgets["sfdv"],
-                              distill_s=distillation_seconds(run_dir_v, at), machine=machine, num=num,
-                              run=run_id(run_dir_v)))
+            work.add_row(dict(key=curve_key, method=method, nfe=nfe, kimg=at, **score(images), **extra(at),
+                              budget_kimg=budget, distill_s=distillation_seconds(run_dir, at), machine=machine,
+                              num=num, run=run_id(run_dir)))
+
+    def score_sfdv_curve():
+        score_curve(CURVE_V_KEY, "SFD-v", CURVE_V_NFE, run_dir_v, sfdv_curve_todo(), budgets["sfdv"], teacher, True,
+                    extra=lambda at: dict(nfe_kimg=nfe_share_kimg(at, batch, CURVE_V_NFE + 2)))
 
     if "sfdv" in wanted and (not all(work.has("sfdv", n, budgets["sfdv"]) for n in SFDV_NFES)
                              or sfdv_curve_todo()):
@@ -619,17 +634,19 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
                 lambda: student_images(model_v.net(), nfe + 2, step_condition=nfe + 2), model_v)
         if model_v is not None:
             score_sfdv_curve()
-    if "stage2" in wanted and not work.has("stage2", 1, budgets["stage2"]):
+    if "stage2" in wanted and (not work.has("stage2", 1, budgets["stage2"]) or stage2_curve_todo()):
         model_v = sfdv_model()
         if model_v is not None and model_v.kimg is not None:
             print("--partial: the second stage starts from the finished SFD-v model; row skipped", flush=True)
         elif model_v is not None:
             model_2 = trained("stage2", model_v.path, STAGE2_SEED, num_steps=3, M=2, afs=True, is_second_stage=True,
-                              lpips=False, lr=lr2, **speed)
+                              lpips=False, lr=lr2, snapshot_ticks=curve_2_every, **speed)
             if model_2 is not None:
                 model_2.seconds += model_v.seconds  # the second stage's cost includes the model it starts from
-                add("stage2", "SFD second stage (from SFD-v)", 1,
+                add("stage2", "SFD second stage (from SFD-v)", CURVE_2_NFE,
                     lambda: student_images(model_2.net(), 3, step_condition=3), model_2)
+                score_curve(CURVE_2_KEY, "SFD second stage", CURVE_2_NFE, run_dir_2, stage2_curve_todo(),
+                            budgets["stage2"], model_v.path, False)
 
     work.reload_rows()
     finish(out, work, settings, plots)
@@ -649,7 +666,7 @@ def rows_file_path(out):
 
 
 def write_rows_file(out, work, settings):
-    order = {k: i for i, k in enumerate(ROW_KEYS + ("curve", CURVE_V_KEY))}
+    order = {k: i for i, k in enumerate(ROW_KEYS + ("curve", CURVE_V_KEY, CURVE_2_KEY))}
     rows = sorted(work.rows.values(), key=lambda r: (order.get(r["key"], len(order)), r["key"], r["nfe"],
                                                     r.get("budget_kimg") or 0, r.get("kimg") or 0))
     lines = ",\n".join("  " + json.dumps(r) for r in rows)
@@ -657,9 +674,12 @@ def write_rows_file(out, work, settings):
     write_atomic(rows_file_path(out), text)
 
 
-def max_budget(work):
-    """The largest budget of the SFD-v curve's runs (the one its plot shows)."""
-    return max((r["budget_kimg"] for r in work.curve_rows(CURVE_V_KEY)), default=None)
+def plotted_curve(work, curve_key):
+    """The points of a curve that its plot shows: those of the largest budget, from the run that got furthest."""
+    points = work.curve_rows(curve_key)
+    points = [r for r in points if r["budget_kimg"] == max((x["budget_kimg"] for x in points), default=None)]
+    furthest = max(points, key=lambda r: r["kimg"], default={}).get("run")
+    return [r for r in points if r.get("run") == furthest]
 
 
 def format_minutes(seconds):
@@ -702,27 +722,45 @@ def write_table(out, work, settings):
                   f"{format_minutes(r['distill_s'])} |" for r in curve]
     curve_v = work.curve_rows(CURVE_V_KEY)
     if curve_v:
-        budgets = sorted({r["budget_kimg"] for r in curve_v})
-        lines += ["", f"SFD-v distillation curve at {CURVE_V_NFE} NFE (its one model, trained at "
-                      f"{SFDV_NFES[0]}–{SFDV_NFES[-1]} NFE; the lr drops ÷10 at half of the budget, "
-                      f"{' / '.join(f'{b:g}' for b in budgets)} kimg; 'at {CURVE_V_NFE} NFE': the kimg of the "
-                      f"iterations that drew the {CURVE_V_NFE}-NFE student, a quarter on average):", "",
-                  f"| kimg | kimg at {CURVE_V_NFE} NFE | teacher-FID | data-FID | PSNR (dB) | distillation time |",
-                  "|---|---|---|---|---|---|"]
-        runs = sorted({r.get("run") or "" for r in curve_v})
-
-        def at(r):
-            return (f"{r['kimg']:.1f}" + (f" of {r['budget_kimg']:g}" if len(budgets) > 1 else "")
-                    + (f" (run {r.get('run') or '-'})" if len(runs) > 1 else ""))
-
-        lines += [f"| {at(r)} | {r['nfe_kimg']:.1f} | {r['teacher_fid']:.2f} | {r['fid']:.2f} | {r['psnr']:.2f} | "
-                  f"{format_minutes(r['distill_s'])} |" for r in curve_v]
+        budgets = " / ".join(f"{b:g}" for b in sorted({r["budget_kimg"] for r in curve_v}))
+        lines += curve_table(curve_v, f"SFD-v distillation curve at {CURVE_V_NFE} NFE (its one model, trained at "
+                                      f"{SFDV_NFES[0]}–{SFDV_NFES[-1]} NFE; the lr drops ÷10 at half of the budget, "
+                                      f"{budgets} kimg; 'at {CURVE_V_NFE} NFE': the kimg of the iterations that drew "
+                                      f"the {CURVE_V_NFE}-NFE student, a quarter on average):",
+                             f"kimg at {CURVE_V_NFE} NFE", "nfe_kimg")
+    curve_2 = work.curve_rows(CURVE_2_KEY)
+    if curve_2:
+        budgets = " / ".join(f"{b:g}" for b in sorted({r["budget_kimg"] for r in curve_2}))
+        lines += curve_table(curve_2, f"Second-stage distillation curve at {CURVE_2_NFE} NFE (from the SFD-v model; "
+                                      f"the lr drops ÷10 at half of the budget, {budgets} kimg; its time leaves out "
+                                      "the SFD-v model's):")
     notes = notes_path(out)
     if os.path.isfile(notes):
         with open(notes, encoding="utf-8") as f:
             lines += ["", f.read().strip()]
     write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def curve_table(curve, title, extra_header=None, extra_key=None):
+    """Markdown lines of a curve's points; each kimg names its budget once the points span several, and its run
+    once they come from several."""
+    budgets = {r["budget_kimg"] for r in curve}
+    runs = {r.get("run") or "" for r in curve}
+
+    def at(r):
+        return (f"{r['kimg']:.1f}" + (f" of {r['budget_kimg']:g}" if len(budgets) > 1 else "")
+                + (f" (run {r.get('run') or '-'})" if len(runs) > 1 else ""))
+
+    extra = [extra_header] if extra_header else []
+    lines = ["", title, "", "| " + " | ".join(["kimg"] + extra + ["teacher-FID", "data-FID", "PSNR (dB)",
+                                                                   "distillation time"]) + " |",
+             "|" + "---|" * (5 + len(extra))]
+    for r in curve:
+        cells = [at(r)] + ([f"{r[extra_key]:.1f}"] if extra_key else [])
+        cells += [f"{r['teacher_fid']:.2f}", f"{r['fid']:.2f}", f"{r['psnr']:.2f}", format_minutes(r["distill_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def notes_path(out):
@@ -740,8 +778,8 @@ def save_figure(plt, fig, axes, path):
 
 
 def write_plots(prefix, work):
-    """<prefix>-nfe.png (quality vs NFE per method) and <prefix>-curve.png (the SFD-2 and SFD-v distillation
-    curves at 2 NFE)."""
+    """<prefix>-nfe.png (quality vs NFE per method), <prefix>-curve.png (the SFD-2 and SFD-v distillation curves at
+    2 NFE) and <prefix>-curve2.png (the second stage's at 1 NFE)."""
     try:
         import matplotlib
 
@@ -780,9 +818,7 @@ def write_plots(prefix, work):
     written.append(save_figure(plt, fig, axes, f"{prefix}-nfe.png"))
 
     curve = work.curve_rows()
-    curve_v = [r for r in work.curve_rows(CURVE_V_KEY) if r["budget_kimg"] == max_budget(work)]
-    furthest = max(curve_v, key=lambda r: r["kimg"], default={}).get("run")
-    curve_v = [r for r in curve_v if r.get("run") == furthest]  # one run: the one that got furthest
+    curve_v = plotted_curve(work, CURVE_V_KEY)
     if curve or curve_v:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         if curve:
@@ -796,22 +832,38 @@ def write_plots(prefix, work):
                 kv, label = [r[x] for r in curve_v], f"SFD-v, {CURVE_V_NFE} NFE (x: {axis})"
                 axes[0].plot(kv, [r["teacher_fid"] for r in curve_v], style, color="C2", label=label)
                 axes[1].plot(kv, [r["psnr"] for r in curve_v], style, color="C2", label=label)
-        base = [r for r in rows if r["key"] == "dpmpp5"]
-        if base:
-            axes[0].axhline(base[0]["teacher_fid"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
-            axes[1].axhline(base[0]["psnr"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
-        axes[0].set_yscale("log")
-        axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        axes[0].yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        axes[0].set_ylabel("teacher-FID")
-        axes[1].set_ylabel("PSNR (dB)")
-        for ax in axes:
-            ax.set_xlabel("distillation kimg")
-            ax.grid(True, alpha=0.3)
-        written.append(save_figure(plt, fig, axes, f"{prefix}-curve.png"))
+        written.append(finish_curve_figure(plt, fig, axes, rows, f"{prefix}-curve.png"))
+    curve_2 = plotted_curve(work, CURVE_2_KEY)
+    if curve_2:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        label = f"SFD second stage, {CURVE_2_NFE} NFE"
+        axes[0].plot([r["kimg"] for r in curve_2], [r["teacher_fid"] for r in curve_2], "^-", color="C4", label=label)
+        axes[1].plot([r["kimg"] for r in curve_2], [r["psnr"] for r in curve_2], "^-", color="C4", label=label)
+        fig.suptitle(f"Second stage from the SFD-v model: {format_minutes(curve_2[-1]['distill_s'])} for "
+                     f"{curve_2[-1]['kimg']:.0f} kimg on {curve_2[-1]['machine']}", fontsize=10)
+        written.append(finish_curve_figure(plt, fig, axes, rows, f"{prefix}-curve2.png"))
     for path in written:
         print(f"wrote {path}", flush=True)
     return written
+
+
+def finish_curve_figure(plt, fig, axes, rows, path):
+    """A distillation curve's axes (teacher-FID, PSNR against kimg) with DPM-Solver++(3M)-5 as the line to beat."""
+    import matplotlib.ticker
+
+    base = [r for r in rows if r["key"] == "dpmpp5"]
+    if base:
+        axes[0].axhline(base[0]["teacher_fid"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
+        axes[1].axhline(base[0]["psnr"], color="gray", linestyle="--", label="DPM-Solver++(3M), 5 NFE")
+    axes[0].set_yscale("log")
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[0].yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axes[0].set_ylabel("teacher-FID")
+    axes[1].set_ylabel("PSNR (dB)")
+    for ax in axes:
+        ax.set_xlabel("distillation kimg")
+        ax.grid(True, alpha=0.3)
+    return save_figure(plt, fig, axes, path)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ KIMG2=${KIMG2:-200}        # second stage (launch.sh: 2000)
 TICK=${TICK:-2}
 CURVE_EVERY=${CURVE_EVERY:-5}     # SFD-2 curve points, in ticks
 CURVE_V_EVERY=${CURVE_V_EVERY:-20}  # SFD-v curve points (2 NFE), in ticks
+CURVE_2_EVERY=${CURVE_2_EVERY:-50}  # second-stage curve points (1 NFE), in ticks
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-}           # more fmnist_table.py options, e.g. --device cpu for a dry run
 PROCS=${PROCS:-"sfd2 sfd3 sfd4 sfd5 sfdv base"}  # the table processes to start (fewer share the GPU better)
@@ -53,7 +54,7 @@ table() {  # table NAME ROWS [options...]: one fmnist_table.py process in its ow
     local name=$1 rows=$2; shift 2
     $PY experiments/fmnist_table.py --num "$NUM" --kimg "$KIMG" --row_kimg "sfdv=$KIMG_V,stage2=$KIMG2" \
         --tick "$TICK" --curve_every "$CURVE_EVERY" \
-        --curve_v_every "$CURVE_V_EVERY" --dump_every 3 --rows "$rows" --workdir "$WORK/$name" \
+        --curve_v_every "$CURVE_V_EVERY" --curve_2_every "$CURVE_2_EVERY" --dump_every 3 --rows "$rows" --workdir "$WORK/$name" \
         --out "$WORK/$name/table.md" $EXTRA "$@" >"$LOGS/$name.log" 2>&1
     echo "$name exit $? at ${SECONDS}s" >>"$LOGS/driver.log"
 }

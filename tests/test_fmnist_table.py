@@ -451,3 +451,61 @@ def test_a_run_started_again_keeps_its_own_curve_apart_from_a_lost_runs_rows(tmp
     assert sorted(row["run"] for row in rows if row["key"] == "curve_v") == sorted([first["run"], second["run"]])
     table = (tmp_path / "again.md").read_text()
     assert f"| 3.1 (run {first['run']}) |" in table and f"| 3.1 (run {second['run']}) |" in table
+
+
+@pytest.mark.slow
+def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tmp_path, tiny, monkeypatch):
+    """The second stage's curve at 1 NFE: with --partial a stopped run's dump is a point (the same network as its
+    stopped row); the resumed run writes a snapshot every --curve_2_every ticks and each interval's is scored, with
+    the stage's own time (its row adds the SFD-v model's). The table lists the points; --plots draws them."""
+    from training import state as train_state
+
+    real_save, dumps = train_state.save_training_state, []
+
+    def die_at_the_fourth_stage2_dump(*a, **k):
+        real_save(*a, **k)
+        if "stage2-" in str(a[0]):
+            dumps.append(a[0])
+            if len(dumps) == 4:
+                raise KeyboardInterrupt("killed after the fourth dump")
+
+    monkeypatch.setattr(train_state, "save_training_state", die_at_the_fourth_stage2_dump)
+    work, out = tmp_path / "work", tmp_path / "t.md"
+    # Ticks of two iterations of 512; the second stage's end at 1.024, 2.048, ... 10.24 kimg.
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfdv,stage2", "--kimg_v", "1", "--kimg2",
+                   "10", "--batch", "512", "--tick", "1", "--dump_every", "1", "--curve_2_every", "3"]
+    assert run(args).exit_code == 1
+    monkeypatch.setattr(train_state, "save_training_state", real_save)
+    run_dir = work / "distil" / "stage2-10kimg"
+
+    r = run(args + ["--partial"])  # interval of ticks 4-6: the dump at tick 4 stands in for its snapshot
+    assert r.exit_code == 0, r.output
+    (point,) = [row for row in read_rows(work) if row["key"] == "curve_2"]
+    (stopped,) = [row for row in read_rows(work) if row["key"] == "stage2"]
+    assert point["kimg"] == pytest.approx(4.096) and point["nfe"] == 1 and point["budget_kimg"] == 10
+    assert stopped["kimg"] == point["kimg"] and stopped["psnr"] == point["psnr"]  # the same dump, at 1 NFE
+    stats = [json.loads(line) for line in open(run_dir / "stats.jsonl")]
+    assert point["distill_s"] == pytest.approx(sum(s["sec_per_kimg"] * 1.024 for s in stats[:4]))
+    assert stopped["distill_s"] > point["distill_s"]  # the row's time includes the SFD-v model's
+
+    r = run(args + ["--plots"])  # resumes the run to its budget, then scores the snapshots of the new intervals
+    assert r.exit_code == 0, r.output
+    assert (run_dir / "network-snapshot-000007.safetensors").exists()  # after tick 7, as the loop snapshots
+    curve = [row for row in read_rows(work) if row["key"] == "curve_2"]
+    assert [row["kimg"] for row in curve] == [pytest.approx(4.096), pytest.approx(7.168), pytest.approx(10.24)]
+    stats = [json.loads(line) for line in open(run_dir / "stats.jsonl")]
+    assert curve[1]["distill_s"] == pytest.approx(sum(s["sec_per_kimg"] * 1.024 for s in stats[:7]))
+    final = next(row for row in read_rows(work) if row["key"] == "stage2" and "kimg" not in row)
+    assert curve[2]["psnr"] == final["psnr"] and curve[1]["psnr"] != final["psnr"]
+    table = out.read_text()
+    assert "Second-stage distillation curve at 1 NFE" in table
+    assert all(f"| {k} | " in table for k in ("4.1", "7.2", "10.2"))
+    assert (tmp_path / "t-curve2.png").exists()
+
+    # Killed while scoring its points (the row written, the last point not): the same command scores the point.
+    lines = (work / "rows.jsonl").read_text().splitlines()
+    (work / "rows.jsonl").write_text("\n".join(line for line in lines if json.loads(line) != curve[2]) + "\n")
+    r = run(args)
+    assert r.exit_code == 0, r.output
+    again = [row for row in read_rows(work) if row["key"] == "curve_2"]
+    assert [row["kimg"] for row in again] == [row["kimg"] for row in curve] and again[2]["psnr"] == curve[2]["psnr"]
