@@ -155,6 +155,19 @@ def test_lr_drops_tenfold_at_half_of_total_kimg(tiny_teacher_pkl, monkeypatch):
     assert used == pytest.approx([lr] * 4 + [lr / 10] * 2, rel=1e-12), used
 
 
+def test_progress_bar_ends_at_the_total_when_the_last_batch_overshoots_it(tiny_teacher_pkl, monkeypatch):
+    bars = []
+    real_init = loop.TickLog.__init__
+
+    def keeping(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        bars.append(self.bar)
+
+    monkeypatch.setattr(loop.TickLog, "__init__", keeping)
+    run(tiny_teacher_pkl[0], num_steps=3, afs=True, total_kimg=0.010, progress=True)  # 3 batches of 4: 12 images
+    assert bars[0] is not None and bars[0].n == pytest.approx(0.010, abs=1e-12), bars[0].n  # not 0.012 of 0.010
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 13, 19: SFD-v's step counts.
 

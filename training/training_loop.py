@@ -227,7 +227,7 @@ def training_loop(
 
         cur_nimg += batch_size
         done = cur_nimg >= total_kimg * 1000
-        log.advance(batch_size)
+        log.advance(cur_nimg)
         if not done and cur_nimg < log.tick_start_nimg + kimg_per_tick * 1000:
             continue
 
@@ -341,9 +341,10 @@ class TickLog:
                 self.loss_sum[i] += loss.mean() / len(per_round)
             self.loss_count[i] += 1
 
-    def advance(self, nimg):
+    def advance(self, cur_nimg):
+        """Move the bar to cur_nimg (set, not summed: a sum of batch/1000 steps drifts past the total)."""
         if self.bar is not None:
-            self.bar.update(nimg / 1000)
+            self.bar.update(min(cur_nimg / 1000, self.total_kimg) - self.bar.n)
 
     def write(self, cur_tick, cur_nimg, lr, mode):
         """End a tick: one status line and one stats.jsonl record (rank 0), then start the next tick."""
