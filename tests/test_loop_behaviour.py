@@ -168,6 +168,17 @@ def test_progress_bar_ends_at_the_total_when_the_last_batch_overshoots_it(tiny_t
     assert bars[0] is not None and bars[0].n == pytest.approx(0.010, abs=1e-12), bars[0].n  # not 0.012 of 0.010
 
 
+@pytest.mark.parametrize("total_kimg, cur_nimg, shown", [(2000, 1_012_345, "1012/2000 kimg"),
+                                                         (50, 12_345, "12.3/50 kimg"),
+                                                         (0.01, 8, "0.008/0.01 kimg")])
+def test_progress_bar_shows_the_count_in_fixed_decimals_for_its_total(total_kimg, cur_nimg, shown):
+    log = loop.TickLog(3, "cpu", total_kimg, cur_nimg, None, 0.0, progress=True)
+    try:
+        assert shown in str(log.bar), str(log.bar)  # not "1.01e+03/2000" past 1000 kimg
+    finally:
+        log.bar.close()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 13, 19: SFD-v's step counts.
 

@@ -7,6 +7,7 @@ loaded network (shape, label_dim, σ range) and from the settings resolved by tr
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import resource
@@ -331,8 +332,12 @@ class TickLog:
         if progress:
             from tqdm import tqdm
 
+            # Fixed decimals for the count ("1012/2000", "12.3/50", "0.010/0.01"): a ".3g" count turns to
+            # "1.01e+03" past 1000 kimg.
+            decimals = min(3, max(0, 2 - math.floor(math.log10(total_kimg)))) if total_kimg > 0 else 3
             self.bar = tqdm(total=total_kimg, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True, leave=False,
-                            bar_format="{l_bar}{bar}| {n:.3g}/{total:g} kimg [{elapsed}<{remaining}]{postfix}")
+                            bar_format=f"{{l_bar}}{{bar}}| {{n:.{decimals}f}}/{{total:g}} kimg "
+                                       "[{elapsed}<{remaining}]{postfix}")
 
     def add(self, losses):
         """losses[step][round]: the iteration's detached loss maps."""
