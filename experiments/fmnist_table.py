@@ -698,13 +698,14 @@ def write_table(out, work, settings):
              f"the Heun-{solvers.nfe_of('heun', st['reference_steps'])} endpoint from the same latents. "
              f"Distillation: batch {st['batch']}, lr {st['lr']:g} (second stage {st['lr2']:g}, from the SFD-v model, "
              f"M=2, LPIPS off), M=3 DPM-Solver++(3M) teacher, AFS, thresholding "
-             f"{'on' if st['thresholding'] else 'off'}; machine: {', '.join(machines) or '-'}.", "",
+             f"{'on' if st['thresholding'] else 'off'}; distilled on: {'; '.join(machines) or '-'}.", "",
              "| method | NFE | teacher-FID | data-FID | PSNR (dB) | budget | distillation time |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = f"{r['budget_kimg']:g} kimg" if r.get("budget_kimg") else ""
         if budget and r.get("kimg") is not None:
-            budget = f"{r['kimg']:.3g} of {budget} (stopped)"
+            done = f"{r['kimg']:.3g}" if r["kimg"] < 1000 else f"{r['kimg']:.0f}"  # not "1.41e+03"
+            budget = f"{done} of {budget} (stopped)"
         t = format_minutes(r["distill_s"]) if r.get("distill_s") is not None else ""
         if len(machines) > 1 and t:
             t += f" ({r.get('distill_machine') or r['machine']})"
