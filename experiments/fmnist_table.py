@@ -309,6 +309,27 @@ def snapshots_of(run_dir):
     return sorted(found)
 
 
+def read_rows_file(path, settings):
+    """The rows of a rows file written beside another run's table, refused when they were made with other settings."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        theirs, rows = data["settings"], data["rows"]
+        for row in rows:
+            WorkFolder.row_id(row)
+    except FileNotFoundError:
+        raise CommandError(f"--rows_file: no file {path}; pass the <table>-rows.json an earlier run wrote")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CommandError(f"--rows_file: {path} is not a rows file ({type(e).__name__}: {e}); pass the "
+                           "<table>-rows.json an earlier run wrote")
+    changed = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
+    if changed:
+        k = changed[0]
+        raise CommandError(f"--rows_file: {path} holds rows made with {k}={theirs.get(k)!r}, not "
+                           f"{settings.get(k)!r}; merge only rows made with the same settings")
+    return rows
+
+
 class WorkFolder:
     """The resumable state of one table run: settings, endpoint images, finished rows, distillations."""
 
@@ -348,26 +369,11 @@ class WorkFolder:
                     row = json.loads(line)
                     self.rows.setdefault(self.row_id(row), row)
 
-    def merge_rows_file(self, path, settings):
-        """Count the rows of a rows file (written beside another run's table) as finished here; this folder's own
-        rows win where both hold the same row."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            theirs, rows = data["settings"], data["rows"]
-            ids = [self.row_id(row) for row in rows]
-        except FileNotFoundError:
-            raise CommandError(f"--rows_file: no file {path}; pass the <table>-rows.json an earlier run wrote")
-        except (ValueError, KeyError, TypeError) as e:
-            raise CommandError(f"--rows_file: {path} is not a rows file ({type(e).__name__}: {e}); pass the "
-                               "<table>-rows.json an earlier run wrote")
-        changed = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
-        if changed:
-            k = changed[0]
-            raise CommandError(f"--rows_file: {path} holds rows made with {k}={theirs.get(k)!r}, not "
-                               f"{settings.get(k)!r}; merge only rows made with the same settings")
-        for row_id, row in zip(ids, rows):
-            self.rows.setdefault(row_id, row)
+    def merge_rows(self, rows):
+        """Count rows read from a rows file (`read_rows_file`) as finished here; this folder's own rows win where
+        both hold the same row."""
+        for row in rows:
+            self.rows.setdefault(self.row_id(row), row)
 
     def add_row(self, row):
         self.rows[self.row_id(row)] = row
@@ -488,9 +494,10 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
     settings = dict(teacher=file_id(teacher), detector=file_id(detector), teacher_ref=file_id(teacher_ref), num=num,
                     batch=batch, lr=lr, lr2=lr2, thresholding=thresholding, reference_steps=reference_steps,
                     tick=tick, curve_every=curve_every)
+    merged = [read_rows_file(path, settings) for path in rows_files]  # refused before the work folder is made
     work = WorkFolder(workdir, settings)
-    for path in rows_files:
-        work.merge_rows_file(path, settings)
+    for rows in merged:
+        work.merge_rows(rows)
     if table_only:
         finish(out, work, settings, plots)
         return

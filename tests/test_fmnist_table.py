@@ -126,6 +126,10 @@ def test_rows_file_rebuilds_the_table_without_its_work_folder_and_merges_runs(tm
     # Rows made with other settings, a missing file, or a file of something else: one-line errors.
     r = run(["--num", "7"] + args[2:] + ["--workdir", str(tmp_path / "c"), "--table_only"])
     assert r.exit_code == 2 and "--rows_file" in r.output and "num=6" in r.output, r.output
+    # The refused command leaves nothing behind that would refuse the corrected one.
+    assert not (tmp_path / "c").exists()
+    r = run(args + ["--workdir", str(tmp_path / "c"), "--table_only"])
+    assert r.exit_code == 0 and out.read_text() == table, r.output
     for bad, words in ((tmp_path / "none.json", "no file"), (out, "not a rows file")):
         r = run(tiny + ["--workdir", str(tmp_path / "d"), "--out", str(tmp_path / "e.md"), "--rows_file", str(bad),
                         "--table_only"])
