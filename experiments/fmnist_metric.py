@@ -33,7 +33,7 @@ if REPO not in sys.path:
 
 import solvers  # noqa: E402
 from dnnlib.util import atomic_path, write_atomic  # noqa: E402
-from experiments.fmnist_table import run_sampler  # noqa: E402
+from experiments.fmnist_table import file_id, run_sampler  # noqa: E402
 from torch_utils.cli import machine_name  # noqa: E402
 from metrics.detectors import compute_features, load_detector  # noqa: E402
 from metrics.frechet import FeatureStats, frechet_distance, load_ref, save_ref  # noqa: E402
@@ -59,7 +59,7 @@ class ImageCache:
     """uint8 teacher samples per (solver, NFE, seeds), stored in chunks of CHUNK seeds."""
 
     def __init__(self, workdir, teacher_path, net, sample, batch):
-        self.root = os.path.join(workdir, f"{os.path.basename(teacher_path)}-{os.path.getsize(teacher_path)}")
+        self.root = os.path.join(workdir, file_id(teacher_path).replace(":", "-"))
         self.net, self.sample, self.batch = net, sample, batch
         os.makedirs(self.root, exist_ok=True)
 

@@ -416,7 +416,13 @@ class WorkFolder:
 
 
 def file_id(path):
-    return f"{os.path.basename(path)}:{os.path.getsize(path)}"
+    """A file's name, size and the start of its SHA-256. Name and size alone would let two teachers pass for each
+    other: every snapshot of one network has the same size, and a retrained fmnist-teacher.pkl keeps its name."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{os.path.basename(path)}:{os.path.getsize(path)}:{digest.hexdigest()[:12]}"
 
 
 @click.command()

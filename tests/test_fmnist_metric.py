@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from experiments import fmnist_metric, fmnist_teacher_curve, quickstart_report
+from experiments import fmnist_metric, fmnist_table, fmnist_teacher_curve, quickstart_report
 from tests.conftest import ROOT, build_tiny_edm, write_edm_pickle
 
 DETECTOR = os.path.join(ROOT, "assets", "fmnist-detector.pt")
@@ -35,7 +35,7 @@ def test_metric_ladder_report_and_reference(tmp_path, tiny_teacher_pkl):
     stats = np.load(ref)
     assert stats["mu"].shape == (128,) and stats["sigma"].shape == (128, 128)
     # The reference holds the 4 Heun-34 images of seeds 100000..100003, and set B is not set A.
-    cache = tmp_path / "w" / f"tiny-edm.pkl-{os.path.getsize(tiny_teacher_pkl[0])}"
+    cache = tmp_path / "w" / fmnist_table.file_id(tiny_teacher_pkl[0]).replace(":", "-")
     assert np.load(cache / "heun34" / "seeds100000-100003.npy").shape == (4, 1, 8, 8)
     a, b = np.load(cache / "dpmpp5" / "seeds0-2.npy"), np.load(cache / "dpmpp5" / "seeds50000-50002.npy")
     assert not np.array_equal(a, b)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from experiments import fmnist_table
-from tests.conftest import ROOT
+from experiments import fmnist_metric, fmnist_table
+from tests.conftest import ROOT, build_tiny_edm, write_edm_pickle
 
 DATA_REF = os.path.join(ROOT, "assets", "fmnist-train-ref.npz")
 # The fmnist detector resizes the tiny teacher's 8x8 images; the training-set statistics stand in for the
@@ -134,6 +134,22 @@ def test_rows_file_rebuilds_the_table_without_its_work_folder_and_merges_runs(tm
         r = run(tiny + ["--workdir", str(tmp_path / "d"), "--out", str(tmp_path / "e.md"), "--rows_file", str(bad),
                         "--table_only"])
         assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_retrained_teacher_of_the_same_name_and_size_is_not_taken_for_the_old_one(tmp_path, tiny_teacher_pkl):
+    # Two snapshots of one network pickle to the same size; a retrained teacher keeps its file name.
+    (tmp_path / "new").mkdir()
+    retrained = write_edm_pickle(tmp_path / "new" / "tiny-edm.pkl", build_tiny_edm(seed=5))
+    assert os.path.getsize(retrained) == os.path.getsize(tiny_teacher_pkl[0])
+    args = TINY + ["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "t.md"), "--table_only"]
+    r = run(args + ["--teacher", tiny_teacher_pkl[0]])
+    assert r.exit_code == 0, r.output
+    r = run(args + ["--teacher", retrained])
+    assert r.exit_code == 2 and "--workdir" in r.output and "teacher=" in r.output, r.output
+    # Nor do the two share sampled images in the metric scripts' cache.
+    caches = [fmnist_metric.ImageCache(str(tmp_path / "c"), p, None, None, 1) for p in (tiny_teacher_pkl[0], retrained)]
+    roots = {cache.root for cache in caches}
+    assert len(roots) == 2
 
 
 @pytest.mark.parametrize("option, value, words", [("--rows", "sfd7", ["--rows", "sfd7"]),
