@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import dnnlib  # noqa: E402
-from models import EDMPrecond  # noqa: E402
+from models import EDMPrecond, load_network  # noqa: E402
+from models.edm import load_state_strict  # noqa: E402
 from torch_utils import cli  # noqa: E402
 from torch_utils.persistence import save_edm_pickle  # noqa: E402
 from training.dataset import DatasetError, load_image_dataset  # noqa: E402
@@ -87,6 +88,12 @@ class Batches:
 @click.option("--data", required=True, metavar="ZIP|DIR", help="EDM-style dataset (dataset_tool.py output).")
 @click.option("--outdir", required=True, metavar="DIR", help="Where the state, EMA pickles and log.txt go.")
 @click.option("--resume", is_flag=True, help="Continue from OUTDIR/training-state.pt (same data and network options).")
+@click.option("--init", metavar="PKL", default=None,
+              help="Start a new run from this network pickle's weights (net and EMA), with a fresh optimizer and "
+                   "learning-rate warm-up; the network options must describe the same network.  [default: random init]")
+@click.option("--init_kimg", type=click.FloatRange(min=0), default=0, show_default=True, metavar="KIMG",
+              help="Images the --init network has seen: the count starts there, so the EMA half-life ramp and "
+                   "the snapshot names continue its run (0 restarts them, as EDM's --transfer).")
 @click.option("--cbase", type=click.IntRange(min=4), default=16, show_default=True, metavar="INT",
               help="model_channels of the SongUNet.")
 @click.option("--cmult", default="1,2,4", show_default=True, metavar="LIST", help="channel_mult per resolution.")
@@ -135,8 +142,18 @@ def main(**kwargs):
     # Continue after the run was killed, or train longer (same data and network options)
     OMP_NUM_THREADS=1 python experiments/train_teacher.py --data=datasets/fmnist-32x32.zip --outdir=teacher-runs/fmnist \\
         --total_kimg=400 --resume
+
+    \b
+    # Train an existing teacher further when its run's state is gone: weights from the pickle, fresh Adam
+    OMP_NUM_THREADS=2 python experiments/train_teacher.py --data=datasets/fmnist-32x32.zip --outdir=teacher-runs/more \\
+        --init=assets/fmnist-teacher.pkl --init_kimg=217.536 --total_kimg=700 --ema_halflife_kimg=30
     """
     opts = dnnlib.EasyDict(kwargs)
+    if opts.init is None and opts.init_kimg:
+        raise click.BadParameter("is only meaningful with --init PKL", param_hint="--init_kimg")
+    if opts.init is not None and not os.path.isfile(opts.init):
+        raise click.BadParameter(f"{opts.init!r} is not a file; give a network pickle (e.g. assets/fmnist-teacher.pkl)",
+                                 param_hint="--init")
     opts.cmult = positive_ints(opts.cmult, "--cmult")
     opts.attn_res = positive_ints(opts.attn_res, "--attn_res") if opts.attn_res.strip() else []
     if opts.threads is not None:
@@ -180,7 +197,7 @@ def main(**kwargs):
     optimizer = torch.optim.Adam(net.parameters(), lr=opts.lr, betas=(0.9, 0.999), eps=1e-8)
     loss_fn = EDMLoss(sigma_data=opts.sigma_data)
     batches = Batches(len(dataset), opts.batch, opts.seed)
-    cur_nimg = 0
+    cur_nimg = start_nimg = 0
     if opts.resume:
         state = torch.load(state_path, map_location=device, weights_only=True)
         net.load_state_dict(state["net"])
@@ -189,8 +206,17 @@ def main(**kwargs):
         batches.load_state_dict(state["batches"])
         torch.set_rng_state(state["torch_rng"])
         cur_nimg = int(state["cur_nimg"])
+        start_nimg = int(before.get("init_kimg", 0) * 1000)
         print(f"Resumed from {state_path} at {cur_nimg / 1000:.1f} kimg", flush=True)
     else:
+        if opts.init is not None:
+            try:
+                load_state_strict(net, load_network(model_path=opts.init).net.state_dict(), opts.init)
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--init") from None
+            ema.load_state_dict(net.state_dict())
+            cur_nimg = start_nimg = int(opts.init_kimg * 1000)
+            print(f"Initialised from {opts.init} at {cur_nimg / 1000:.1f} kimg (fresh optimizer)", flush=True)
         with open(options_path, "w") as f:
             json.dump(saved_options, f, indent=2)
     num_params = sum(p.numel() for p in net.parameters())
@@ -219,8 +245,8 @@ def main(**kwargs):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(net, images)
         loss.sum().div(images.shape[0]).backward()
-        for g in optimizer.param_groups:  # linear warm-up (EDM)
-            g["lr"] = opts.lr * min(cur_nimg / max(opts.lr_rampup_kimg * 1000, 1e-8), 1)
+        for g in optimizer.param_groups:  # linear warm-up (EDM), counted from the start of the run
+            g["lr"] = opts.lr * min((cur_nimg - start_nimg) / max(opts.lr_rampup_kimg * 1000, 1e-8), 1)
         for p in net.parameters():
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)

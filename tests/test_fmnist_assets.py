@@ -211,3 +211,50 @@ def test_train_teacher_resumes_exactly(tmp_path):
     changed = [c if c != "8" else "12" for c in common]
     result = CliRunner().invoke(train_teacher.main, [*changed, "--outdir", str(tmp_path / "straight"), "--resume"])
     assert result.exit_code == 2 and "--cbase was 8 in the run being resumed, now 12" in result.output
+
+
+def test_train_teacher_continues_from_a_pickle(tmp_path):
+    """--init starts from a pickle's weights with the count at --init_kimg and a fresh warm-up; it resumes exactly."""
+    from click.testing import CliRunner
+
+    from experiments import train_teacher
+    from tests.test_dataset_tool import make_source, run_tool
+
+    make_source(tmp_path / "idx", num_train=40)
+    data = str(tmp_path / "fm.zip")
+    assert run_tool(f"--source={tmp_path / 'idx'}", f"--dest={data}").exit_code == 0
+    common = ["--data", data, "--cbase", "8", "--cmult", "1,2", "--num_blocks", "1", "--attn_res", "16",
+              "--batch", "8", "--ema_halflife_kimg", "0.02", "--threads", "1", "--device", "cpu"]
+
+    def train(outdir, total_kimg, *extra):
+        return CliRunner().invoke(train_teacher.main, [*common, "--outdir", str(outdir), "--total_kimg",
+                                                       str(total_kimg), *extra])
+
+    assert train(tmp_path / "first", 0.016).exit_code == 0
+    init = str(tmp_path / "first" / "network-snapshot-000000.pkl")
+    weights = load_network(model_path=init).net.state_dict()
+
+    # One step at the start of the warm-up has lr 0: the snapshot is the pickle's network, named by the count.
+    result = train(tmp_path / "one", 2.008, "--init", init, "--init_kimg", "2")
+    assert result.exit_code == 0, result.output
+    assert "Initialised from" in result.output and "kimg      2.0  loss" in result.output
+    after = load_network(model_path=str(tmp_path / "one" / "network-snapshot-000002.pkl")).net.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+    # Killed inside the warm-up and resumed, the continued run ends where a straight one does.
+    warm = ["--init", init, "--init_kimg", "2", "--lr_rampup_kimg", "0.048"]
+    assert train(tmp_path / "straight", 2.048, *warm).exit_code == 0
+    assert train(tmp_path / "resumed", 2.024, *warm).exit_code == 0
+    result = train(tmp_path / "resumed", 2.048, "--resume", "--lr_rampup_kimg", "0.048")
+    assert result.exit_code == 0 and "Resumed from" in result.output, result.output
+    a = load_network(model_path=str(tmp_path / "straight" / "network-snapshot-000002.pkl")).net.state_dict()
+    b = load_network(model_path=str(tmp_path / "resumed" / "network-snapshot-000002.pkl")).net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], weights[k]) for k in a)
+
+    result = train(tmp_path / "wider", 2.008, "--init", init, "--cbase", "12")
+    assert result.exit_code == 2 and "--init" in result.output and "does not match" in result.output
+    assert not os.path.exists(tmp_path / "wider" / "training_options.json")
+    result = train(tmp_path / "nofile", 1, "--init", str(tmp_path / "missing.pkl"))
+    assert result.exit_code == 2 and "is not a file" in result.output and not os.path.exists(tmp_path / "nofile")
+    result = train(tmp_path / "alone", 1, "--init_kimg", "5")
+    assert result.exit_code == 2 and "only meaningful with --init" in result.output
