@@ -155,6 +155,9 @@ def main(teacher, detectors, data_refs, num, ref_num, sets_text, write_ref, samp
     cache = ImageCache(workdir, teacher, net, sample, sample_batch)
     print(f"reference: {REFERENCE[0]} {REFERENCE[1]} NFE, seeds {REF_SEED0}..{REF_SEED0 + ref_num - 1}", flush=True)
     ref_images = cache.images(*REFERENCE, REF_SEED0, ref_num)
+    if write_ref:  # written before the ladder so that a table waiting for it (gpu_table.sh TEACHER=) can start
+        save_ref(write_ref, *stats_of(load_detector(det_paths[0], device=device), ref_images, device))
+        print(f"wrote {write_ref}: statistics of {ref_num} Heun-34 samples through {det_paths[0]}", flush=True)
     rows = []  # (set, ladder name, solver, nfe, images)
     for s in sets:
         for name, (solver, nfes) in LADDERS.items():
@@ -180,9 +183,6 @@ def main(teacher, detectors, data_refs, num, ref_num, sets_text, write_ref, samp
                 values = [r["teacher_fid"] for r in entry["rows"] if r["set"] == s and r["ladder"] == name]
                 entry["monotone"][f"{s}:{name}"] = is_monotone(values)
         report["detectors"].append(entry)
-        if write_ref and det_path == det_paths[0]:
-            save_ref(write_ref, *ref)
-            print(f"wrote {write_ref}: statistics of {ref_num} Heun-34 samples through {det_path}", flush=True)
 
     text = format_report(report, sets)
     print(text)

@@ -16,6 +16,10 @@
 # and settings.json) and name $WORK in the device call's carry: each distillation resumes from its latest dump.
 # PROCS picks the processes (e.g. PROCS="sfd3 sfd4 sfd5 sfdv" KIMG_V=800 KIMG2=2000 to finish the first-stage rows
 # and continue a CPU run of SFD-v at the paper's budget); fewer processes leave each more of the GPU.
+# TEACHER=assets/<other>.pkl runs all of it on another teacher: the ladder process first writes that teacher's
+# reference statistics to TEACHER_REF (default $WORK/teacher-ref.npz; 10k Heun-34 samples, seeds 100000..), and
+# the table processes wait for that file before they start (e.g. PROCS="sfd2 base" TEACHER=... for the rows
+# that decide the orderings). Without TEACHER the shipped teacher and assets/fmnist-teacher-ref.npz are used.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./gpu-table-out}
@@ -33,6 +37,19 @@ CURVE_2_EVERY=${CURVE_2_EVERY:-50}  # second-stage curve points (1 NFE), in tick
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-}           # more fmnist_table.py options, e.g. --device cpu for a dry run
 PROCS=${PROCS:-"sfd2 sfd3 sfd4 sfd5 sfdv base"}  # the table processes to start (fewer share the GPU better)
+TEACHER=${TEACHER:-}
+TEACHER_REF=${TEACHER_REF:-$WORK/teacher-ref.npz}
+TABLE_TEACHER=()   # fmnist_table.py's teacher options
+METRIC_TEACHER=()  # fmnist_metric.py's
+if [ -n "$TEACHER" ]; then
+    [ -f "$TEACHER" ] || { echo "TEACHER: no file $TEACHER; give an EDM pickle of the Fashion-MNIST teacher" >&2; exit 2; }
+    if [ -n "${NO_METRIC:-}" ] && [ ! -f "$TEACHER_REF" ]; then
+        echo "TEACHER_REF: no file $TEACHER_REF and NO_METRIC is set; drop NO_METRIC so the ladder writes it" >&2
+        exit 2
+    fi
+    TABLE_TEACHER=(--teacher "$TEACHER" --teacher_ref "$TEACHER_REF")
+    METRIC_TEACHER=(--teacher "$TEACHER" --write_ref "$TEACHER_REF")
+fi
 for name in $PROCS; do
     case $name in sfd2|sfd3|sfd4|sfd5|sfdv|base) ;;
         *) echo "PROCS: unknown process '$name'; choose from: sfd2 sfd3 sfd4 sfd5 sfdv base" >&2; exit 2 ;;
@@ -52,10 +69,17 @@ LOGS="$WORK/logs"
 
 table() {  # table NAME ROWS [options...]: one fmnist_table.py process in its own work folder
     local name=$1 rows=$2; shift 2
+    while [ -n "$TEACHER" ] && [ ! -f "$TEACHER_REF" ]; do  # the ladder process writes it first
+        if ! kill -0 "${metric_pid:-0}" 2>/dev/null; then
+            echo "$name not started: the ladder process ended without writing $TEACHER_REF" >>"$LOGS/driver.log"
+            return
+        fi
+        sleep 2
+    done
     $PY experiments/fmnist_table.py --num "$NUM" --kimg "$KIMG" --row_kimg "sfdv=$KIMG_V,stage2=$KIMG2" \
         --tick "$TICK" --curve_every "$CURVE_EVERY" \
         --curve_v_every "$CURVE_V_EVERY" --curve_2_every "$CURVE_2_EVERY" --dump_every 3 --rows "$rows" --workdir "$WORK/$name" \
-        --out "$WORK/$name/table.md" $EXTRA "$@" >"$LOGS/$name.log" 2>&1
+        --out "$WORK/$name/table.md" "${TABLE_TEACHER[@]}" $EXTRA "$@" >"$LOGS/$name.log" 2>&1
     echo "$name exit $? at ${SECONDS}s" >>"$LOGS/driver.log"
 }
 
@@ -68,6 +92,12 @@ done
 
 pids=()
 others=()
+if [ -z "${NO_METRIC:-}" ]; then  # NO_METRIC=1: the ladder is done (experiments/fmnist_metric.md)
+    ( $PY experiments/fmnist_metric.py --num "$NUM" --ref_num "$NUM" --sets A,B --workdir "$METRIC_WORK" \
+        --out "$WORK/metric.md" "${METRIC_TEACHER[@]}" ${EXTRA} >"$LOGS/metric.log" 2>&1
+      echo "metric exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & pids+=($!)
+    metric_pid=$!
+fi
 for name in $PROCS; do
     case $name in
         sfd2|sfd3|sfd4|sfd5) table "$name" "$name" & pids+=($!) ;;
@@ -75,11 +105,6 @@ for name in $PROCS; do
         base) table base ref,ddim10,ddim50,dpmpp5,dpmpp10 & pids+=($!) ;;
     esac
 done
-if [ -z "${NO_METRIC:-}" ]; then  # NO_METRIC=1: the ladder is done (experiments/fmnist_metric.md)
-    ( $PY experiments/fmnist_metric.py --num "$NUM" --ref_num "$NUM" --sets A,B --workdir "$METRIC_WORK" \
-        --out "$WORK/metric.md" ${EXTRA} >"$LOGS/metric.log" 2>&1
-      echo "metric exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & pids+=($!)
-fi
 if [ -z "${NO_GPU_TESTS:-}" ]; then
     ( timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/*.py) >"$LOGS/pytest-gpu.log" 2>&1
       echo "pytest-gpu exit $? at ${SECONDS}s" >>"$LOGS/driver.log" ) & others=($!)
@@ -106,7 +131,7 @@ wait 2>/dev/null
 
 # What comes back: the small files in one archive, then snapshots and dumps while the limits allow (8 files).
 find "$WORK" \( -name rows.jsonl -o -name settings.json -o -name stats.jsonl -o -name done.json -o -name '*.md' \
-    -o -name '*.json' -o -name '*.log' \) -print0 | tar -czf "$OUT/results.tar.gz" --null -T -
+    -o -name '*.json' -o -name '*.log' -o -name teacher-ref.npz \) -print0 | tar -czf "$OUT/results.tar.gz" --null -T -
 n=1
 room() {  # room FILE: whether FILE still fits in what comes back (60 MB together)
     local used; used=$(du -cb "$OUT" | tail -1 | cut -f1)

@@ -36,7 +36,11 @@ def test_metric_ladder_report_and_reference(tmp_path, tiny_teacher_pkl):
     assert stats["mu"].shape == (128,) and stats["sigma"].shape == (128, 128)
     # The reference holds the 4 Heun-34 images of seeds 100000..100003, and set B is not set A.
     cache = tmp_path / "w" / fmnist_table.file_id(tiny_teacher_pkl[0]).replace(":", "-")
-    assert np.load(cache / "heun34" / "seeds100000-100003.npy").shape == (4, 1, 8, 8)
+    ref_images = np.load(cache / "heun34" / "seeds100000-100003.npy")
+    assert ref_images.shape == (4, 1, 8, 8)
+    mu, sigma = fmnist_metric.stats_of(fmnist_metric.load_detector(DETECTOR), ref_images, torch.device("cpu"))
+    np.testing.assert_allclose(stats["mu"], mu, rtol=1e-6)
+    np.testing.assert_allclose(stats["sigma"], sigma, rtol=1e-6, atol=1e-12)
     a, b = np.load(cache / "dpmpp5" / "seeds0-2.npy"), np.load(cache / "dpmpp5" / "seeds50000-50002.npy")
     assert not np.array_equal(a, b)
     assert "NOT monotone" in out.read_text() or "monotone" in out.read_text()

@@ -4,7 +4,11 @@ distillation from its dump, and the work folder's rules."""
 import builtins
 import json
 import os
+import subprocess
+import sys
+import tarfile
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -13,6 +17,7 @@ from experiments import fmnist_metric, fmnist_table
 from tests.conftest import ROOT, build_tiny_edm, write_edm_pickle
 
 DATA_REF = os.path.join(ROOT, "assets", "fmnist-train-ref.npz")
+DETECTOR = os.path.join(ROOT, "assets", "fmnist-detector.pt")
 # The fmnist detector resizes the tiny teacher's 8x8 images; the training-set statistics stand in for the
 # teacher's own (any statistics of the detector's feature size do for the mechanics tested here).
 TINY = ["--num", "6", "--kimg", "0.008", "--kimg_v", "0.008", "--kimg2", "0.004", "--batch", "4",
@@ -529,3 +534,47 @@ def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tm
     assert r.exit_code == 0, r.output
     again = [row for row in read_rows(work) if row["key"] == "curve_2"]
     assert [row["kimg"] for row in again] == [row["kimg"] for row in curve] and again[2]["psnr"] == curve[2]["psnr"]
+
+
+def gpu_table(tmp_path, teacher, **env):
+    """experiments/gpu_table.sh as a dry run on the CPU (EXTRA=--device cpu) in its own folders."""
+    full = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable,
+                PROCS="sfd2 base", NUM="3", KIMG="0.128", TICK="0.128", CURVE_EVERY="1", NO_GPU_TESTS="1",
+                DEADLINE_S="240", OMP_NUM_THREADS="1", TEACHER=teacher, EXTRA="--device cpu --sample_batch 3")
+    full.update(env)
+    return subprocess.run(["bash", os.path.join(ROOT, "experiments", "gpu_table.sh")], env=full,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_gpu_table_script_runs_on_another_teacher(tmp_path, tiny_teacher_pkl):
+    """TEACHER=: the ladder writes that teacher's reference first, and the table rows are made and scored with it."""
+    r = gpu_table(tmp_path, tiny_teacher_pkl[0])
+    assert r.returncode == 0, r.stdout + r.stderr
+    work = tmp_path / "work"
+    driver = (work / "logs" / "driver.log").read_text()
+    for name in ("base", "sfd2", "metric"):
+        assert f"{name} exit 0" in driver, driver
+    ref = work / "teacher-ref.npz"
+    for name in ("base", "sfd2"):
+        settings = json.load(open(work / name / "settings.json"))
+        assert settings["teacher"] == fmnist_table.file_id(tiny_teacher_pkl[0])
+        assert settings["teacher_ref"] == fmnist_table.file_id(str(ref))
+    # The statistics are those of the teacher's own Heun-34 samples on the reference seeds.
+    cache = tmp_path / "work" / "metric" / fmnist_table.file_id(tiny_teacher_pkl[0]).replace(":", "-")
+    images = np.load(cache / "heun34" / "seeds100000-100002.npy")
+    mu, _ = fmnist_metric.stats_of(fmnist_metric.load_detector(DETECTOR), images, torch.device("cpu"))
+    np.testing.assert_allclose(np.load(ref)["mu"], mu, rtol=1e-6)
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        assert any(n.endswith("work/teacher-ref.npz") for n in tar.getnames())
+    assert (tmp_path / "out" / "sfd2-0.128kimg.safetensors").is_file()
+
+
+def test_gpu_table_script_bad_teacher_is_one_line_error(tmp_path):
+    r = gpu_table(tmp_path, str(tmp_path / "missing.pkl"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "TEACHER: no file" in r.stderr
+    pkl = tmp_path / "t.pkl"
+    pkl.write_bytes(b"x")
+    r = gpu_table(tmp_path, str(pkl), NO_METRIC="1")
+    assert r.returncode == 2 and "TEACHER_REF: no file" in r.stderr and "NO_METRIC" in r.stderr
+    assert not (tmp_path / "work" / "logs").exists()
