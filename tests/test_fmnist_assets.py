@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets")
 TEACHER = os.path.join(ASSETS, "fmnist-teacher.pkl")
 # The longer-trained snapshot that is to replace TEACHER once the benchmark is redone on it (assets/README.md).
-NEXT_TEACHER = os.path.join(ASSETS, "fmnist-teacher-670kimg.pkl")
+NEXT_TEACHER = os.path.join(ASSETS, "fmnist-teacher-1161kimg.pkl")
 DETECTOR = os.path.join(ASSETS, "fmnist-detector.pt")
 REF = os.path.join(ASSETS, "fmnist-train-ref.npz")
 
@@ -112,7 +112,7 @@ def test_detector_classifies_and_ref_matches_real_images(detector, test_images):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [TEACHER, NEXT_TEACHER], ids=["shipped", "670kimg"])
+@pytest.mark.parametrize("path", [TEACHER, NEXT_TEACHER], ids=["shipped", "1161kimg"])
 def test_teacher_loads_from_pickle(path):
     loaded = load_network(model_path=path)
     net = loaded.net
@@ -127,7 +127,7 @@ def test_teacher_loads_from_pickle(path):
 
 
 @needs_fmnist
-@pytest.mark.parametrize("path", [TEACHER, NEXT_TEACHER], ids=["shipped", "670kimg"])
+@pytest.mark.parametrize("path", [TEACHER, NEXT_TEACHER], ids=["shipped", "1161kimg"])
 def test_teacher_denoises_real_images(test_images, path):
     """The teacher learned the data: its estimate is far closer to the clean image than its noisy input.
 
