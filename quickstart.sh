@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 
 KIMG=${KIMG:-2}
 BATCH=${BATCH:-16}
-LR=${LR:-2e-4}
+LR=${LR:-6e-4}
 NUM=${NUM:-1000}
 OUT=${OUT:-exps/quickstart}
 
