@@ -16,7 +16,9 @@ records one at 2 NFE, where it trails SFD most: a snapshot every `--curve_v_ever
 dumps of a stopped run stand in for them), each scored with the kimg the run spent on that NFE's student length
 (replayed from the run's seeded draw; a quarter of the whole on average), so that it compares with SFD-2's curve.
 The second stage records its 1-NFE student every `--curve_2_every` ticks likewise (a point's time leaves out the
-SFD-v model the stage starts from; its table row includes it).
+SFD-v model the stage starts from; its table row includes it). `--stage2_from K` starts the second stage from the
+SFD-v run's snapshot at K kimg instead of its finished model, in a folder and a row of its own, where machine time
+for the whole first stage is short.
 `--plots` writes the quality-vs-NFE plot and the curves (needs matplotlib; without it only the table is written).
 
     python experiments/fmnist_table.py --num 10000 --workdir exps/table --out experiments/fmnist_table.md --plots
@@ -299,6 +301,18 @@ class Trained:
         return cls(load, budget, distillation_seconds(run_dir, at), run_machine(run_dir), kimg=at, run=run_id(run_dir))
 
 
+def sfdv_snapshot(run_dir, kimg, budget):
+    """The SFD-v model a second stage starts from with `--stage2_from`: the snapshot its run wrote at `kimg`, with
+    the run's time up to it."""
+    found = dict(snapshots_of(run_dir)) if os.path.isdir(run_dir) else {}
+    if kimg not in found:
+        have = ", ".join(str(k) for k in sorted(found)) or "none yet"
+        raise CommandError(f"--stage2_from: the SFD-v run {run_dir} has no snapshot at {kimg} kimg (it has: {have}); "
+                           "pass one it has, or distil SFD-v further first (--rows sfdv)")
+    return Trained(None, budget, distillation_seconds(run_dir, tick_kimg(run_dir, kimg)), run_machine(run_dir),
+                   path=found[kimg])
+
+
 def snapshots_of(run_dir):
     """[(kimg, path)] of a run's snapshots, oldest first."""
     found = []
@@ -356,10 +370,11 @@ class WorkFolder:
         """A row is its method and NFE, the budget of its distillation and, for a stopped model or a curve point,
         the kimg reached and the run (two runs of one budget, one started again from scratch, stay apart)."""
         at = row.get("kimg")
-        return (row["key"], row["nfe"], row.get("budget_kimg"), at, row.get("run") if at is not None else None)
+        return (row["key"], row["nfe"], row.get("budget_kimg"), at, row.get("run") if at is not None else None,
+                row.get("from_kimg"))
 
-    def has(self, key, nfe, budget=None, kimg=None, run=None):
-        return (key, nfe, budget, kimg, run if kimg is not None else None) in self.rows
+    def has(self, key, nfe, budget=None, kimg=None, run=None, from_kimg=None):
+        return (key, nfe, budget, kimg, run if kimg is not None else None, from_kimg) in self.rows
 
     def reload_rows(self):
         """Rows in rows.jsonl (also those another process appended to the same folder since)."""
@@ -381,8 +396,10 @@ class WorkFolder:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
-    def run_dir(self, key, kimg):
-        return os.path.join(self.path, "distil", f"{key}-{kimg:g}kimg")
+    def run_dir(self, key, kimg, from_kimg=None):
+        """A distillation's folder; a second stage started from an SFD-v snapshot (`--stage2_from`) names it."""
+        suffix = f"-from-sfdv{from_kimg}kimg" if from_kimg is not None else ""
+        return os.path.join(self.path, "distil", f"{key}-{kimg:g}kimg{suffix}")
 
     def endpoint(self, make):
         """uint8 endpoint images, computed once and kept as reference.npy."""
@@ -462,6 +479,10 @@ def file_id(path):
                    "the first kept dump, at or past each multiple")
 @click.option("--curve_2_every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Second-stage snapshot interval in ticks; its curve (1 NFE) scores each, like --curve_v_every")
+@click.option("--stage2_from", type=click.IntRange(min=1), default=None,
+              help="Start the second stage from the SFD-v run's snapshot at this kimg (its "
+                   "network-snapshot-<kimg>.safetensors, one every --curve_v_every ticks) instead of the finished "
+                   "SFD-v model: a shorter first stage where machine time is short. Its row and folder name it")
 @click.option("--dump_every", help="Training-state dump interval of the distillations in ticks",
               type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--rows", "rows_text", help=f"Comma-separated rows to compute  [default: all: {','.join(ROW_KEYS)}]",
@@ -485,7 +506,8 @@ def file_id(path):
               show_default=True)
 @click.option("--device", default=None)
 def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg, batch, lr, lr2, thresholding,
-         sample_batch, reference_steps, tick, curve_every, curve_v_every, curve_2_every, dump_every, rows_text,
+         sample_batch, reference_steps, tick, curve_every, curve_v_every, curve_2_every, stage2_from, dump_every,
+         rows_text,
          partial, table_only, rows_files, plots, channels_last, compile_, workdir, out, device):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     full_fp32()  # rows made on a GPU compare with rows made on a CPU
@@ -533,12 +555,15 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
 
     score = Scorer(load_detector(detector, device=device), load_ref(teacher_ref), load_ref(ref), device, endpoint)
 
-    def add(key, name, nfe, make_images, model=None):
-        """model: the row's distilled model (a Trained); a stopped one's rows are kept apart by its kimg."""
+    def add(key, name, nfe, make_images, model=None, from_kimg=None):
+        """model: the row's distilled model (a Trained); a stopped one's rows are kept apart by its kimg.
+        from_kimg: the SFD-v snapshot a second stage started from (`--stage2_from`)."""
         at, budget = (model.kimg, model.budget) if model is not None else (None, None)
-        if work.has(key, nfe, budget, at, model.run if model is not None else None):
+        if work.has(key, nfe, budget, at, model.run if model is not None else None, from_kimg):
             return
         row = dict(key=key, method=name, nfe=nfe, **score(make_images()), machine=machine, num=num)
+        if from_kimg is not None:
+            row.update(from_kimg=from_kimg)
         if model is not None:
             row.update(budget_kimg=model.budget, distill_s=model.seconds, distill_machine=model.machine)
             if at is not None:
@@ -558,10 +583,10 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
         run_dir = work.run_dir(CURVE_KEY, budgets[CURVE_KEY])
         return os.path.isdir(run_dir) and any(not work.has("curve", nfe, kimg=at) for at, _ in snapshots_of(run_dir))
 
-    def trained(key, model_path, seed, conditioned=False, **options):
+    def trained(key, model_path, seed, conditioned=False, run_dir=None, **options):
         """The row's distilled model: its run (or resumption) to the budget, or, with --partial and an unfinished
         run, its latest training-state dump without training. None when --partial finds nothing to score."""
-        run_dir = work.run_dir(key, budgets[key])
+        run_dir = run_dir or work.run_dir(key, budgets[key])
         if partial and not os.path.exists(os.path.join(run_dir, "done.json")):
             dump = train_state.latest_dump(run_dir) if os.path.isdir(run_dir) else None
             if dump is None:
@@ -606,7 +631,8 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
         return trained("sfdv", teacher, SFDV_SEED, conditioned=True, num_steps=4,
                        snapshot_ticks=curve_v_every, **common)
 
-    run_dir_v, run_dir_2 = work.run_dir("sfdv", budgets["sfdv"]), work.run_dir("stage2", budgets["stage2"])
+    run_dir_v = work.run_dir("sfdv", budgets["sfdv"])
+    run_dir_2 = work.run_dir("stage2", budgets["stage2"], stage2_from)
 
     def curve_todo(curve_key, run_dir, every, budget):
         """A run's curve points (snapshots, or dumps of a stopped run) in intervals not scored yet."""
@@ -622,7 +648,7 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
     def stage2_curve_todo():
         return curve_todo(CURVE_2_KEY, run_dir_2, curve_2_every, budgets["stage2"])
 
-    def score_curve(curve_key, method, nfe, run_dir, todo, budget, model_path, conditioned, extra=lambda at: {}):
+    def score_curve(curve_key, method, nfe, run_dir, todo, budget, model_path, conditioned, extra=lambda at: None):
         """Score a run's curve points at `nfe` (a step-conditioned student: sampled at its own num_steps)."""
         for at, path in todo:
             if path.endswith(".pt"):
@@ -631,7 +657,7 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
                 net = load_network(model_path=path, device=device).net
             num_steps = nfe + 2
             images = student_images(net, num_steps, step_condition=num_steps)
-            work.add_row(dict(key=curve_key, method=method, nfe=nfe, kimg=at, **score(images), **extra(at),
+            work.add_row(dict(key=curve_key, method=method, nfe=nfe, kimg=at, **score(images), **(extra(at) or {}),
                               budget_kimg=budget, distill_s=distillation_seconds(run_dir, at), machine=machine,
                               num=num, run=run_id(run_dir)))
 
@@ -647,19 +673,23 @@ def main(teacher, detector, ref, teacher_ref, num, kimg, kimg_v, kimg2, row_kimg
                 lambda: student_images(model_v.net(), nfe + 2, step_condition=nfe + 2), model_v)
         if model_v is not None:
             score_sfdv_curve()
-    if "stage2" in wanted and (not work.has("stage2", 1, budgets["stage2"]) or stage2_curve_todo()):
-        model_v = sfdv_model()
+    if "stage2" in wanted and (not work.has("stage2", 1, budgets["stage2"], from_kimg=stage2_from)
+                               or stage2_curve_todo()):
+        model_v = sfdv_snapshot(run_dir_v, stage2_from, budgets["sfdv"]) if stage2_from else sfdv_model()
         if model_v is not None and model_v.kimg is not None:
             print("--partial: the second stage starts from the finished SFD-v model; row skipped", flush=True)
         elif model_v is not None:
             model_2 = trained("stage2", model_v.path, STAGE2_SEED, num_steps=3, M=2, afs=True, is_second_stage=True,
-                              lpips=False, lr=lr2, snapshot_ticks=curve_2_every, **speed)
+                              lpips=False, lr=lr2, snapshot_ticks=curve_2_every, run_dir=run_dir_2, **speed)
             if model_2 is not None:
                 model_2.seconds += model_v.seconds  # the second stage's cost includes the model it starts from
-                add("stage2", "SFD second stage (from SFD-v)", CURVE_2_NFE,
-                    lambda: student_images(model_2.net(), 3, step_condition=3), model_2)
+                name = "SFD second stage (from SFD-v" + (
+                    f" at {stage2_from} of {budgets['sfdv']:g} kimg)" if stage2_from else ")")
+                add("stage2", name, CURVE_2_NFE, lambda: student_images(model_2.net(), 3, step_condition=3), model_2,
+                    from_kimg=stage2_from)
                 score_curve(CURVE_2_KEY, "SFD second stage", CURVE_2_NFE, run_dir_2, stage2_curve_todo(),
-                            budgets["stage2"], model_v.path, False)
+                            budgets["stage2"], model_v.path, False,
+                            extra=lambda at: dict(from_kimg=stage2_from) if stage2_from else None)
 
     work.reload_rows()
     finish(out, work, settings, plots)

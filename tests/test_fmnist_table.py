@@ -536,6 +536,52 @@ def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tm
     assert [row["kimg"] for row in again] == [row["kimg"] for row in curve] and again[2]["psnr"] == curve[2]["psnr"]
 
 
+@pytest.mark.slow
+def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path, tiny, monkeypatch):
+    """--stage2_from K: the second stage distils from the SFD-v run's snapshot at K kimg (not its finished model) in
+    a folder of its own; its row names K and adds the SFD-v run's time up to K, and a K the run has no snapshot of
+    is a one-line error."""
+    started = []
+    real_loop = fmnist_table.training_loop
+
+    def record(**kwargs):
+        started.append((os.path.basename(kwargs["run_dir"]), kwargs["model_path"]))
+        return real_loop(**kwargs)
+
+    monkeypatch.setattr(fmnist_table, "training_loop", record)
+    work, out = tmp_path / "work", tmp_path / "t.md"
+    # SFD-v ticks of two iterations of 512 end at 1.024, 2.048, 3.072 kimg, a snapshot after each.
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--kimg_v", "3", "--kimg2", "0.004", "--batch", "512",
+                   "--tick", "1", "--curve_v_every", "1"]
+    r = run(args + ["--rows", "sfdv"])
+    assert r.exit_code == 0, r.output
+    run_v = work / "distil" / "sfdv-3kimg"
+    assert (run_v / "network-snapshot-000002.safetensors").exists()
+
+    r = run(args + ["--rows", "stage2", "--stage2_from", "7"])
+    assert r.exit_code == 2 and "--stage2_from" in r.output and "7 kimg" in r.output, r.output
+    assert "Traceback" not in r.output
+
+    r = run(args + ["--rows", "stage2", "--stage2_from", "2"])
+    assert r.exit_code == 0, r.output
+    assert started[-1] == ("stage2-0.004kimg-from-sfdv2kimg", str(run_v / "network-snapshot-000002.safetensors"))
+    (row,) = [row for row in read_rows(work) if row["key"] == "stage2"]
+    assert row["from_kimg"] == 2 and row["method"] == "SFD second stage (from SFD-v at 2 of 3 kimg)"
+    stage_s = fmnist_table.distillation_seconds(str(work / "distil" / "stage2-0.004kimg-from-sfdv2kimg"))
+    upto_v = fmnist_table.distillation_seconds(str(run_v), 2.048)
+    assert upto_v < fmnist_table.distillation_seconds(str(run_v))
+    assert row["distill_s"] == pytest.approx(stage_s + upto_v)
+    assert "| SFD second stage (from SFD-v at 2 of 3 kimg) | 1 |" in out.read_text()
+
+    n = len(started)
+    r = run(args + ["--rows", "stage2", "--stage2_from", "2"])  # finished: nothing distils again
+    assert r.exit_code == 0 and len(started) == n, r.output
+    r = run(args + ["--rows", "stage2"])  # the finished SFD-v model's second stage is another row, folder
+    assert r.exit_code == 0, r.output
+    assert started[-1][0] == "stage2-0.004kimg" and started[-1][1].endswith("network-snapshot-000003.safetensors")
+    assert sorted(row.get("from_kimg", 0) for row in read_rows(work) if row["key"] == "stage2") == [0, 2]
+
+
 def gpu_table(tmp_path, teacher, **env):
     """experiments/gpu_table.sh as a dry run on the CPU (EXTRA=--device cpu) in its own folders."""
     full = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), PYTHON=sys.executable,
