@@ -215,13 +215,16 @@ def curve_points(run_dir, every_ticks, scored=()):
     """[(kimg, path)]: one snapshot or training-state dump of the run per interval of `every_ticks` ticks that holds
     none of the kimg `scored` yet, oldest first. Interval k holds ticks k·every_ticks + 1 .. (k+1)·every_ticks, so
     a snapshot the loop writes every `every_ticks` ticks opens one; the first interval is left out, as the loop's
-    first snapshot is. An interval's point is its snapshot where it has one, else its first dump."""
+    first snapshot is. An interval's point is its snapshot where it has one, else its first dump. A finished run's
+    final snapshot is a point of its own, also when its budget ends inside an interval that another opened."""
     stats = run_stats(run_dir)
     if not stats:
         return []
+    final = round(stats[-1]["kimg"], 3) if os.path.exists(os.path.join(run_dir, "done.json")) else None
 
     def interval(kimg):
-        return (round(kimg / stats[0]["kimg"]) - 1) // every_ticks
+        slot = (round(kimg / stats[0]["kimg"]) - 1) // every_ticks
+        return slot + 0.5 if round(kimg, 3) == final else slot
 
     taken = {interval(k) for k in scored}
     candidates = {}
@@ -775,7 +778,8 @@ def write_table(out, work, settings):
     curve_2 = work.curve_rows(CURVE_2_KEY)
     if curve_2:
         budgets = " / ".join(f"{b:g}" for b in sorted({r["budget_kimg"] for r in curve_2}))
-        lines += curve_table(curve_2, f"Second-stage distillation curve at {CURVE_2_NFE} NFE (from the SFD-v model; "
+        lines += curve_table(curve_2, f"Second-stage distillation curve at {CURVE_2_NFE} NFE (from "
+                                      f"{stage2_start(curve_2)}; "
                                       f"the lr drops ÷10 at half of the budget, {budgets} kimg; its time leaves out "
                                       "the SFD-v model's):")
     notes = notes_path(out)
@@ -805,6 +809,12 @@ def curve_table(curve, title, extra_header=None, extra_key=None):
         cells += [f"{r['teacher_fid']:.2f}", f"{r['fid']:.2f}", f"{r['psnr']:.2f}", format_minutes(r["distill_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def stage2_start(rows):
+    """What second-stage rows started from: the finished SFD-v model, or its snapshots (`--stage2_from`)."""
+    starts = sorted({r.get("from_kimg") or 0 for r in rows})
+    return " / ".join(f"SFD-v's {k}-kimg snapshot" if k else "the finished SFD-v model" for k in starts)
 
 
 def notes_path(out):
@@ -883,7 +893,7 @@ def write_plots(prefix, work):
         label = f"SFD second stage, {CURVE_2_NFE} NFE"
         axes[0].plot([r["kimg"] for r in curve_2], [r["teacher_fid"] for r in curve_2], "^-", color="C4", label=label)
         axes[1].plot([r["kimg"] for r in curve_2], [r["psnr"] for r in curve_2], "^-", color="C4", label=label)
-        fig.suptitle(f"Second stage from the SFD-v model: {format_minutes(curve_2[-1]['distill_s'])} for "
+        fig.suptitle(f"Second stage from {stage2_start(curve_2)}: {format_minutes(curve_2[-1]['distill_s'])} for "
                      f"{curve_2[-1]['kimg']:.0f} kimg on {curve_2[-1]['machine']}", fontsize=10)
         written.append(finish_curve_figure(plt, fig, axes, rows, f"{prefix}-curve2.png"))
     for path in written:

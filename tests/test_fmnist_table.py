@@ -417,13 +417,14 @@ def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_k
     assert len(drawn) == 12 and not list(run_dir.glob("training-state-*.pt"))
     assert (run_dir / "network-snapshot-000005.safetensors").exists()  # after tick 5, as the loop snapshots
     curve = [row for row in read_rows(work) if row["key"] == "curve_v"]
-    assert [row["kimg"] for row in curve] == [pytest.approx(3.072), pytest.approx(5.12)]
+    # The budget ends inside the interval the tick-5 snapshot opened: the final snapshot is a point of its own.
+    assert [row["kimg"] for row in curve] == [pytest.approx(3.072), pytest.approx(5.12), pytest.approx(6.144)]
     assert curve[1]["nfe_kimg"] == pytest.approx(drawn[:10].count(4) * 0.512)
     stats = [json.loads(line) for line in open(run_dir / "stats.jsonl")]
     assert curve[1]["distill_s"] == pytest.approx(sum(s["sec_per_kimg"] * 1.024 for s in stats[:5]))
     final = next(row for row in read_rows(work) if row["key"] == "sfdv" and row["nfe"] == 2 and "kimg" not in row)
-    assert curve[1]["psnr"] != final["psnr"]
-    assert "| 3.1 | " in out.read_text() and "| 5.1 | " in out.read_text()
+    assert curve[1]["psnr"] != final["psnr"] and curve[2]["psnr"] == final["psnr"]
+    assert all(f"| {k} | " in out.read_text() for k in ("3.1", "5.1", "6.1"))
 
 
 def test_the_committed_table_is_what_its_committed_rows_give(tmp_path):
@@ -572,6 +573,11 @@ def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path
     assert upto_v < fmnist_table.distillation_seconds(str(run_v))
     assert row["distill_s"] == pytest.approx(stage_s + upto_v)
     assert "| SFD second stage (from SFD-v at 2 of 3 kimg) | 1 |" in out.read_text()
+    # A budget that ends inside the first interval of --curve_2_every ticks: its final snapshot is still a curve
+    # point, and the curve's title names the snapshot the stage started from.
+    (point,) = [p for p in read_rows(work) if p["key"] == "curve_2"]
+    assert point["psnr"] == row["psnr"] and point["from_kimg"] == 2
+    assert "Second-stage distillation curve at 1 NFE (from SFD-v's 2-kimg snapshot;" in out.read_text()
 
     n = len(started)
     r = run(args + ["--rows", "stage2", "--stage2_from", "2"])  # finished: nothing distils again
