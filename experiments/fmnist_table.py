@@ -415,19 +415,23 @@ class WorkFolder:
         return images
 
     def table_rows(self):
-        """One row per (key, NFE) in table order: the model trained longest (a finished run's budget, a stopped
-        one's kimg), the finished one where a stopped run has reached as far."""
+        """One row per (key, NFE) in table order, and per SFD-v model a second stage started from: the model trained
+        longest (a finished run's budget, a stopped one's kimg), the finished one where a stopped run has reached as
+        far."""
         def rank(r):
             trained = r.get("kimg") if r.get("kimg") is not None else (r.get("budget_kimg") or 0)
             return trained, r.get("kimg") is None
 
+        def slot(r):
+            return ROW_KEYS.index(r["key"]), r["nfe"], r.get("from_kimg") or 0
+
         best = {}
         for r in self.rows.values():
             if r["key"] in ROW_KEYS:
-                held = best.get((r["key"], r["nfe"]))
+                held = best.get(slot(r))
                 if held is None or rank(r) > rank(held):
-                    best[(r["key"], r["nfe"])] = r
-        return sorted(best.values(), key=lambda r: (ROW_KEYS.index(r["key"]), r["nfe"]))
+                    best[slot(r)] = r
+        return [best[k] for k in sorted(best)]
 
     def curve_rows(self, key="curve"):
         """The points of a distillation curve ("curve": SFD-2's, CURVE_V_KEY: SFD-v's), by budget and kimg."""
@@ -720,12 +724,20 @@ def write_rows_file(out, work, settings):
     write_atomic(rows_file_path(out), text)
 
 
-def plotted_curve(work, curve_key):
+def plotted_curve(points):
     """The points of a curve that its plot shows: those of the largest budget, from the run that got furthest."""
-    points = work.curve_rows(curve_key)
     points = [r for r in points if r["budget_kimg"] == max((x["budget_kimg"] for x in points), default=None)]
     furthest = max(points, key=lambda r: r["kimg"], default={}).get("run")
     return [r for r in points if r.get("run") == furthest]
+
+
+def stage2_curves(work):
+    """The second stage's plotted curves, one per SFD-v model the stage started from (`--stage2_from`), by start:
+    [(what it started from, its points)]."""
+    starts = {}
+    for r in work.curve_rows(CURVE_2_KEY):
+        starts.setdefault(r.get("from_kimg") or 0, []).append(r)
+    return [(stage2_start(points), plotted_curve(points)) for _, points in sorted(starts.items())]
 
 
 def format_minutes(seconds):
@@ -775,13 +787,13 @@ def write_table(out, work, settings):
                                       f"{budgets} kimg; 'at {CURVE_V_NFE} NFE': the kimg of the iterations that drew "
                                       f"the {CURVE_V_NFE}-NFE student, a quarter on average):",
                              f"kimg at {CURVE_V_NFE} NFE", "nfe_kimg")
-    curve_2 = work.curve_rows(CURVE_2_KEY)
+    curve_2 = sorted(work.curve_rows(CURVE_2_KEY), key=lambda r: r.get("from_kimg") or 0)  # by start, then as before
     if curve_2:
         budgets = " / ".join(f"{b:g}" for b in sorted({r["budget_kimg"] for r in curve_2}))
         lines += curve_table(curve_2, f"Second-stage distillation curve at {CURVE_2_NFE} NFE (from "
                                       f"{stage2_start(curve_2)}; "
                                       f"the lr drops ÷10 at half of the budget, {budgets} kimg; its time leaves out "
-                                      "the SFD-v model's):")
+                                      "the SFD-v model's):", start=lambda r: stage2_start([r]))
     notes = notes_path(out)
     if os.path.isfile(notes):
         with open(notes, encoding="utf-8") as f:
@@ -790,15 +802,17 @@ def write_table(out, work, settings):
     print("\n".join(lines))
 
 
-def curve_table(curve, title, extra_header=None, extra_key=None):
-    """Markdown lines of a curve's points; each kimg names its budget once the points span several, and its run
-    once they come from several."""
+def curve_table(curve, title, extra_header=None, extra_key=None, start=lambda r: ""):
+    """Markdown lines of a curve's points; each kimg names its budget once the points span several, what its run
+    started from (`start`) once they start from several, and its run once several share a start."""
     budgets = {r["budget_kimg"] for r in curve}
-    runs = {r.get("run") or "" for r in curve}
+    starts = {start(r) for r in curve}
+    runs = {(start(r), r.get("run") or "") for r in curve}
 
     def at(r):
         return (f"{r['kimg']:.1f}" + (f" of {r['budget_kimg']:g}" if len(budgets) > 1 else "")
-                + (f" (run {r.get('run') or '-'})" if len(runs) > 1 else ""))
+                + (f" from {start(r)}" if len(starts) > 1 else "")
+                + (f" (run {r.get('run') or '-'})" if len(runs) > len(starts) else ""))
 
     extra = [extra_header] if extra_header else []
     lines = ["", title, "", "| " + " | ".join(["kimg"] + extra + ["teacher-FID", "data-FID", "PSNR (dB)",
@@ -872,7 +886,7 @@ def write_plots(prefix, work):
     written.append(save_figure(plt, fig, axes, f"{prefix}-nfe.png"))
 
     curve = work.curve_rows()
-    curve_v = plotted_curve(work, CURVE_V_KEY)
+    curve_v = plotted_curve(work.curve_rows(CURVE_V_KEY))
     if curve or curve_v:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         if curve:
@@ -887,14 +901,15 @@ def write_plots(prefix, work):
                 axes[0].plot(kv, [r["teacher_fid"] for r in curve_v], style, color="C2", label=label)
                 axes[1].plot(kv, [r["psnr"] for r in curve_v], style, color="C2", label=label)
         written.append(finish_curve_figure(plt, fig, axes, rows, f"{prefix}-curve.png"))
-    curve_2 = plotted_curve(work, CURVE_2_KEY)
-    if curve_2:
+    curves_2 = stage2_curves(work)
+    if curves_2:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        label = f"SFD second stage, {CURVE_2_NFE} NFE"
-        axes[0].plot([r["kimg"] for r in curve_2], [r["teacher_fid"] for r in curve_2], "^-", color="C4", label=label)
-        axes[1].plot([r["kimg"] for r in curve_2], [r["psnr"] for r in curve_2], "^-", color="C4", label=label)
-        fig.suptitle(f"Second stage from {stage2_start(curve_2)}: {format_minutes(curve_2[-1]['distill_s'])} for "
-                     f"{curve_2[-1]['kimg']:.0f} kimg on {curve_2[-1]['machine']}", fontsize=10)
+        for i, (start, points) in enumerate(curves_2):
+            kimg, last = [r["kimg"] for r in points], points[-1]
+            label = f"from {start}: {format_minutes(last['distill_s'])} for {last['kimg']:.0f} kimg"
+            for ax, metric in zip(axes, ("teacher_fid", "psnr")):
+                ax.plot(kimg, [r[metric] for r in points], "^-", color=f"C{4 + i}", label=label)
+        fig.suptitle(f"SFD second stage at {CURVE_2_NFE} NFE on {curves_2[-1][1][-1]['machine']}", fontsize=10)
         written.append(finish_curve_figure(plt, fig, axes, rows, f"{prefix}-curve2.png"))
     for path in written:
         print(f"wrote {path}", flush=True)

@@ -4,6 +4,7 @@ distillation from its dump, and the work folder's rules."""
 import builtins
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -589,6 +590,16 @@ def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path
     assert r.exit_code == 0, r.output
     assert started[-1][0] == "stage2-0.004kimg" and started[-1][1].endswith("network-snapshot-000003.safetensors")
     assert sorted(row.get("from_kimg", 0) for row in read_rows(work) if row["key"] == "stage2") == [0, 2]
+    # The table keeps a row per start, its curve names each point's start, and the plot draws a line per start.
+    table = out.read_text()
+    assert "| SFD second stage (from SFD-v at 2 of 3 kimg) | 1 |" in table
+    assert "| SFD second stage (from SFD-v) | 1 |" in table
+    for start in ("SFD-v's 2-kimg snapshot", "the finished SFD-v model"):
+        assert re.search(rf"\| \d+\.\d from {start} \| ", table), table
+    folder = fmnist_table.WorkFolder(str(work), json.loads((work / "settings.json").read_text()))
+    curves = fmnist_table.stage2_curves(folder)
+    assert [(start, [p["from_kimg"] if "from_kimg" in p else 0 for p in points]) for start, points in curves] == [
+        ("the finished SFD-v model", [0]), ("SFD-v's 2-kimg snapshot", [2])]
 
 
 def gpu_table(tmp_path, teacher, **env):
