@@ -40,6 +40,7 @@ its work folder was lost keeps its own points beside the merged ones of the lost
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -77,6 +78,7 @@ SFDV_NFES = tuple(solvers.nfe_of("euler", n, afs=True) for n in range(SFDV_NUM_S
 CURVE_KEY = "sfd2"
 # SFD-v's curve: its one model scored at its hardest NFE, where it stands furthest from SFD.
 CURVE_V_KEY, CURVE_V_NFE = "curve_v", SFDV_NFES[0]
+SFDV_TOLERANCE = 0.10  # the paper: one SFD-v model stays within 10 % of the SFD models trained per NFE
 # The second stage's curve: its 1-NFE student along its run.
 CURVE_2_KEY, CURVE_2_NFE = "curve_2", 1
 SFDV_SEED, STAGE2_SEED = 10, 11  # training seeds (SFD-N uses N): they fix SFD-v's sequence of student lengths
@@ -760,10 +762,7 @@ def write_table(out, work, settings):
              "| method | NFE | teacher-FID | data-FID | PSNR (dB) | budget | distillation time |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        budget = f"{r['budget_kimg']:g} kimg" if r.get("budget_kimg") else ""
-        if budget and r.get("kimg") is not None:
-            done = f"{r['kimg']:.3g}" if r["kimg"] < 1000 else f"{r['kimg']:.0f}"  # not "1.41e+03"
-            budget = f"{done} of {budget} (stopped)"
+        budget = budget_text(r)
         t = format_minutes(r["distill_s"]) if r.get("distill_s") is not None else ""
         if len(machines) > 1 and t:
             t += f" ({r.get('distill_machine') or r['machine']})"
@@ -773,6 +772,15 @@ def write_table(out, work, settings):
     if any(r.get("kimg") is not None for r in rows):
         lines += ["", "(stopped): an unfinished distillation scored at its latest training-state dump (`--partial`); "
                       "its lr drops ÷10 at half of the budget named."]
+    judged = orderings(rows)
+    if judged:
+        within = 1 + SFDV_TOLERANCE
+        lines += ["", f"The paper's orderings, judged on these rows. Beating a row: a lower teacher-FID, a higher "
+                      f"PSNR. Within {SFDV_TOLERANCE:.0%} of SFD: a teacher-FID at most {within:g}× SFD's, and "
+                      f"an RMSE to the endpoint at most {within:g}× SFD's (a PSNR at most "
+                      f"{20 * math.log10(within):.2f} dB below it).", "",
+                  "| ordering | teacher-FID | PSNR (dB) |", "|---|---|---|"]
+        lines += [f"| {claim} | {fid} | {psnr} |" for claim, fid, psnr in judged]
     curve = work.curve_rows()
     if curve:
         lines += ["", "SFD-2 distillation curve (snapshots of the SFD-2 row's run; the lr drops ÷10 at half of it):",
@@ -800,6 +808,54 @@ def write_table(out, work, settings):
             lines += ["", f.read().strip()]
     write_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def budget_text(r):
+    """A distilled row's budget: "200 kimg", or "55.3 of 200 kimg (stopped)" for a stopped run's dump."""
+    budget = f"{r['budget_kimg']:g} kimg" if r.get("budget_kimg") else ""
+    if budget and r.get("kimg") is not None:
+        done = f"{r['kimg']:.3g}" if r["kimg"] < 1000 else f"{r['kimg']:.0f}"  # not "1.41e+03"
+        budget = f"{done} of {budget} (stopped)"
+    return budget
+
+
+def orderings(rows):
+    """The paper's orderings judged on table rows, as (claim, teacher-FID cell, PSNR cell): SFD-2 beats
+    DPM-Solver++(3M)-5; SFD-v is within SFDV_TOLERANCE of SFD at each NFE both have; each second stage at 1 NFE
+    beats DPM-Solver++(3M)-5. Each cell shows both values and whether the claim holds on that metric."""
+    def verdict(ok):
+        return "yes" if ok else "**no**"
+
+    def beats(r, base):
+        fid_ok, psnr_ok = r["teacher_fid"] < base["teacher_fid"], r["psnr"] > base["psnr"]
+        return (f"{r['teacher_fid']:.2f} vs {base['teacher_fid']:.2f}: {verdict(fid_ok)}",
+                f"{r['psnr']:.2f} vs {base['psnr']:.2f}: {verdict(psnr_ok)}")
+
+    def close(r, sfd):
+        fid_ratio, rmse_ratio = r["teacher_fid"] / sfd["teacher_fid"], 10 ** ((sfd["psnr"] - r["psnr"]) / 20)
+        return (f"{r['teacher_fid']:.2f} vs {sfd['teacher_fid']:.2f} ({fid_ratio - 1:+.0%}): "
+                f"{verdict(fid_ratio <= 1 + SFDV_TOLERANCE)}",
+                f"{r['psnr']:.2f} vs {sfd['psnr']:.2f} (RMSE {rmse_ratio - 1:+.0%}): "
+                f"{verdict(rmse_ratio <= 1 + SFDV_TOLERANCE)}")
+
+    def named(name, r):
+        return f"{name} ({budget_text(r)})"
+
+    found = {(r["key"], r["nfe"]): r for r in rows if r["key"] != "stage2"}
+    base, judged = found.get(("dpmpp5", 5)), []
+    if base is not None and ("sfd2", 2) in found:
+        sfd2 = found["sfd2", 2]
+        judged.append((f"{named('SFD-2', sfd2)} beats DPM-Solver++(3M)-5", *beats(sfd2, base)))
+    for nfe in SFDV_NFES:
+        if ("sfdv", nfe) in found and (f"sfd{nfe}", nfe) in found:
+            sfdv, sfd = found["sfdv", nfe], found[f"sfd{nfe}", nfe]
+            judged.append((f"{named(f'SFD-v at {nfe} NFE', sfdv)} within {SFDV_TOLERANCE:.0%} of "
+                           f"{named(f'SFD-{nfe}', sfd)}", *close(sfdv, sfd)))
+    for r in rows:
+        if r["key"] == "stage2" and base is not None:
+            judged.append((f"{named(f'Second stage from {stage2_start([r])}', r)} at {r['nfe']} NFE beats "
+                           "DPM-Solver++(3M)-5", *beats(r, base)))
+    return judged
 
 
 def curve_table(curve, title, extra_header=None, extra_key=None, start=lambda r: ""):
