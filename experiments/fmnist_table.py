@@ -810,12 +810,12 @@ def write_table(out, work, settings):
     print("\n".join(lines))
 
 
-def budget_text(r):
+def budget_text(r, stopped=" (stopped)"):
     """A distilled row's budget: "200 kimg", or "55.3 of 200 kimg (stopped)" for a stopped run's dump."""
     budget = f"{r['budget_kimg']:g} kimg" if r.get("budget_kimg") else ""
     if budget and r.get("kimg") is not None:
         done = f"{r['kimg']:.3g}" if r["kimg"] < 1000 else f"{r['kimg']:.0f}"  # not "1.41e+03"
-        budget = f"{done} of {budget} (stopped)"
+        budget = f"{done} of {budget}{stopped}"
     return budget
 
 
@@ -839,7 +839,7 @@ def orderings(rows):
                 f"{verdict(rmse_ratio <= 1 + SFDV_TOLERANCE)}")
 
     def named(name, r):
-        return f"{name} ({budget_text(r)})"
+        return f"{name} ({budget_text(r, stopped='')})"
 
     found = {(r["key"], r["nfe"]): r for r in rows if r["key"] != "stage2"}
     base, judged = found.get(("dpmpp5", 5)), []

@@ -107,7 +107,7 @@ def test_orderings_judge_each_claim_on_both_metrics_at_their_thresholds():
         ("SFD-2 (200 kimg) beats DPM-Solver++(3M)-5", "0.50 vs 1.00: yes", "24.50 vs 24.00: yes"),
         ("SFD-v at 2 NFE (800 kimg) within 10% of SFD-2 (200 kimg)", "0.55 vs 0.50 (+10%): yes",
          "23.69 vs 24.50 (RMSE +10%): yes"),
-        ("SFD-v at 3 NFE (166 of 800 kimg (stopped)) within 10% of SFD-3 (55.3 of 200 kimg (stopped))",
+        ("SFD-v at 3 NFE (166 of 800 kimg) within 10% of SFD-3 (55.3 of 200 kimg)",
          "0.55 vs 0.50 (+10%): **no**", "27.16 vs 28.00 (RMSE +10%): **no**"),
         ("Second stage from SFD-v's 124-kimg snapshot (200 kimg) at 1 NFE beats DPM-Solver++(3M)-5",
          "0.90 vs 1.00: yes", "23.90 vs 24.00: **no**"),
