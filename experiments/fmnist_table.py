@@ -20,6 +20,8 @@ SFD-v model the stage starts from; its table row includes it). `--stage2_from K`
 SFD-v run's snapshot at K kimg instead of its finished model, in a folder and a row of its own, where machine time
 for the whole first stage is short.
 `--plots` writes the quality-vs-NFE plot and the curves (needs matplotlib; without it only the table is written).
+Under the table the script judges the paper's orderings on its rows, on teacher-FID and PSNR (`orderings`): SFD-2
+and each second stage against DPM-Solver++(3M)-5, SFD-v within 10 % of SFD at each NFE.
 
     python experiments/fmnist_table.py --num 10000 --workdir exps/table --out experiments/fmnist_table.md --plots
 
@@ -747,8 +749,8 @@ def format_minutes(seconds):
 
 
 def write_table(out, work, settings):
-    """Markdown table of every finished row in table order, then the SFD-2 and SFD-v curves (rows of earlier runs
-    included)."""
+    """Markdown table of every finished row in table order, the paper's orderings judged on those rows, then the
+    SFD-2, SFD-v and second-stage curves (points of earlier runs included)."""
     st = settings
     rows = work.table_rows()
     machines = sorted({r.get("distill_machine") or r["machine"] for r in rows if r.get("distill_s") is not None})
