@@ -20,6 +20,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# Tests of CUDA paths run the same calls on the CPU too: parametrise over DEVICES, and keep only the assertions
+# that need CUDA (sync-debug mode, float16 kernels, CUDA events) under `if device == "cuda"`.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def convolution_dtypes(fn):
+    """Run `fn()` and return (its result, the set of input dtypes of every convolution it ran), as the kernels see
+    them (after autocast)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.convolution:
+                seen.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        out = fn()
+    return out, seen
+
+
 TINY_SONG = dict(img_resolution=8, img_channels=1, label_dim=0, model_type="SongUNet", model_channels=16,
                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0, augment_dim=0)
 TINY_DHARIWAL = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="DhariwalUNet", model_channels=16,

@@ -21,6 +21,7 @@ from benchmarks.bench_openai_unet import diffusers_unet
 from models import BACKBONES, load_network, load_snapshot
 from models.precond import EDMPrecond
 from models.unet import AttentionBlock
+from tests.conftest import DEVICES, convolution_dtypes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFEST = os.path.join(HERE, "data", "manifests", "lsun_bedroom_cm.tsv.gz")
@@ -180,13 +181,19 @@ def test_without_the_file_loading_fails_fast_naming_file_url_and_folder(tmp_path
     assert not os.path.exists("exps") or not os.listdir("exps")  # a failed load leaves no run folder
 
 
-@pytest.mark.gpu
-def test_fp16_on_cuda_runs_the_convolutions_in_half_and_stays_close(tiny_bedroom):
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_runs_the_convolutions_in_half_on_cuda_only_and_stays_close(tiny_bedroom, device):
+    """use_fp16 on the OpenAI U-Net: float16 convolutions on CUDA, close to fp32; on a CPU the same calls stay
+    float32 and give the fp32 result exactly."""
     row, state, path = tiny_bedroom
-    net = load_network("tiny_bedroom", model_path=path, device="cuda").net
-    x, sigma = torch.randn(4, 3, RES, RES, device="cuda"), torch.tensor([0.01, 0.5, 5.0, 70.0], device="cuda")
+    net = load_network("tiny_bedroom", model_path=path, device=device).net
+    x, sigma = torch.randn(4, 3, RES, RES, device=device), torch.tensor([0.01, 0.5, 5.0, 70.0], device=device)
     with torch.no_grad():
-        full = net(x, sigma)
+        full, full_dtypes = convolution_dtypes(lambda: net(x, sigma))
         net.use_fp16 = True
-        half = net(x, sigma)
-    assert half.dtype == torch.float32 and 0 < _max_rel(half, full) < 1e-2
+        half, half_dtypes = convolution_dtypes(lambda: net(x, sigma))
+    assert half.dtype == torch.float32 and full_dtypes == {torch.float32}
+    if device == "cuda":
+        assert half_dtypes == {torch.float16} and 0 < _max_rel(half, full) < 1e-2
+    else:
+        assert half_dtypes == {torch.float32} and torch.equal(half, full)

@@ -9,6 +9,7 @@ import torch
 
 from models import DhariwalUNet, EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
 from models.edm import UNetBlock, is_step_layer_key
+from tests.conftest import DEVICES, convolution_dtypes
 
 SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
             num_blocks=1, attn_resolutions=[8], dropout=0, augment_dim=9, embedding_type="positional",
@@ -333,13 +334,21 @@ def test_vp_and_iddpm_noise_ranges_follow_edm():
     torch.testing.assert_close(snapped, ddpm.u[[500, 20]].double(), rtol=0, atol=0)  # the nearest level itself
 
 
-@pytest.mark.gpu
-def test_fp16_on_cuda_is_close_to_fp32():
-    net = build(**SONG).cuda()
-    x = torch.randn(2, 3, 16, 16, device="cuda")
-    ref = net(x, 1.0)
-    net.use_fp16 = True
-    half = net(x, 1.0)
-    assert half.dtype == torch.float32
-    assert (half - ref).abs().max() < 2e-2 * ref.abs().max()
-    assert (half - net(x, 1.0, force_fp32=True)).abs().max() > 0
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_runs_the_convolutions_in_half_on_cuda_only_and_stays_close(device):
+    """EDM's use_fp16: float16 convolutions and a float32 result close to fp32 on CUDA; on a CPU the same calls run
+    in float32 and give the fp32 result exactly (EDM casts to float16 on CUDA only)."""
+    net = build(**SONG).to(device)
+    x = torch.randn(2, 3, 16, 16, device=device)
+    with torch.no_grad():
+        ref, ref_dtypes = convolution_dtypes(lambda: net(x, 1.0))
+        net.use_fp16 = True
+        half, half_dtypes = convolution_dtypes(lambda: net(x, 1.0))
+        forced = net(x, 1.0, force_fp32=True)
+    assert half.dtype == torch.float32 and ref_dtypes == {torch.float32}
+    torch.testing.assert_close(forced, ref)  # force_fp32 overrides use_fp16
+    if device == "cuda":
+        assert half_dtypes == {torch.float16}
+        assert 0 < (half - ref).abs().max() < 2e-2 * ref.abs().max()
+    else:
+        assert half_dtypes == {torch.float32} and torch.equal(half, ref)

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 import dnnlib
-from tests.conftest import ROOT
+from tests.conftest import DEVICES, ROOT
 from training import sfd_loss
 from training.training_loop import training_loop
 
@@ -101,23 +101,47 @@ def test_nan_loss_switches_to_fp32_and_keeps_weights_finite(tiny_teacher_pkl, mo
     assert res.net.use_fp16 is False and res.teacher.use_fp16 is False
 
 
-@pytest.mark.gpu  # the lagged (stall-free) NaN check exists on CUDA only
-def test_nan_loss_on_cuda_falls_back_one_iteration_later(tiny_teacher_pkl, monkeypatch, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_loss_falls_back_at_the_next_iteration_without_a_stall(tiny_teacher_pkl, monkeypatch, capsys, device):
+    """A NaN loss in iteration 2 switches the run to fp32 at the start of iteration 3, from the check that follows
+    the teacher work (not at a tick). On CUDA that check reads the flag that iteration 2 published behind a CUDA
+    event (one iteration of lag, no pipeline drain); on a CPU it reads the flag itself."""
+    from training import precision
+    from training import training_loop as loop_module
+
     pkl, _ = tiny_teacher_pkl
     real = sfd_loss.l1_loss
-    calls = []
+    calls, checks, fallbacks = [], [], []
 
     def poisoned(a, b):
         calls.append(1)
         out = real(a, b)
-        return out * float("nan") if len(calls) == 4 else out
+        return out * float("nan") if len(calls) == 4 else out  # one NaN loss, first step of iteration 2
+
+    real_seen, real_fall_back = precision.NonFiniteWatch.seen, loop_module.fall_back
+
+    def seen(watch, now=False):
+        result = real_seen(watch, now=now)
+        checks.append(dict(now=now, lagged=watch.lagged, published=getattr(watch, "published", None), seen=result))
+        return result
+
+    def fall_back(mode):
+        fallbacks.append(len(calls))  # loss evaluations so far: 3 per iteration
+        real_fall_back(mode)
 
     monkeypatch.setattr(sfd_loss, "l1_loss", poisoned)
-    res = training_loop(model_path=pkl, batch_size=4, total_kimg=0.016, seed=0, device="cuda", progress=False,
-                        lr=1e-3, kimg_per_tick=1)
+    monkeypatch.setattr(precision.NonFiniteWatch, "seen", seen)
+    monkeypatch.setattr(loop_module, "fall_back", fall_back)
+    res = training_loop(model_path=pkl, batch_size=4, total_kimg=0.016, seed=0, device=device, progress=False,
+                        lr=1e-3, kimg_per_tick=1, mixed_on_cpu=True)
     assert "continuing in fp32" in capsys.readouterr().out
+    assert fallbacks == [6]  # at the start of iteration 3 (after its teacher, before its student losses)
+    first = next(c for c in checks if c["seen"])
+    assert first["now"] is False and first["lagged"] is (device == "cuda")
+    if device == "cuda":
+        assert first["published"] is True  # the flag came through the pinned copy behind the CUDA event
     assert all(torch.isfinite(p).all() for p in res.net.parameters())
-    assert res.net.use_fp16 is False
+    assert res.net.use_fp16 is False and res.teacher.use_fp16 is False
 
 
 def test_non_finite_gradients_never_reach_the_weights(tiny_teacher_pkl, monkeypatch):

@@ -17,6 +17,7 @@ import dnnlib
 from models import BACKBONES, load_network, load_snapshot
 from models.latent.checkpoints import unet_compvis_name
 from models.latent.precond import TextToImagePrecond
+from tests.conftest import DEVICES, convolution_dtypes
 from tests.latent_tiny import (TINY_SD, TINY_SD_DIFFUSERS_UNET, compvis_state, first_stage_compvis, reference_parts,
                                tiny_row, write_captions, write_ckpt, write_diffusers_folder, write_tokenizer)
 
@@ -201,17 +202,24 @@ def test_sfd_training_and_sampling_end_to_end(tmp_path, installed, parts, monkey
     assert not np.array_equal(b, c)
 
 
-@pytest.mark.gpu
-def test_autocast_on_cuda_stays_close_to_fp32(installed):
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_the_unet_in_half_on_cuda_only_and_stays_close(installed, device):
+    """use_fp16 on the latent wrapper: float16 U-Net convolutions under autocast on CUDA, close to fp32; on a CPU
+    the same calls stay float32 and give the fp32 result exactly."""
     _, cache = installed
-    net = load_network(NAME, cache_root=str(cache), device="cuda").net
-    x, sigma = torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor(3.0, device="cuda")
+    net = load_network(NAME, cache_root=str(cache), device=device).net
+    x, sigma = torch.randn(2, 4, 8, 8, device=device), torch.tensor(3.0, device=device)
     cond, uncond = net.encode_prompts(["the cat", "abc"])
     with torch.no_grad():
-        full = net(x, sigma, condition=cond, unconditional_condition=uncond)
+        full, full_dtypes = convolution_dtypes(lambda: net(x, sigma, condition=cond, unconditional_condition=uncond))
         net.use_fp16 = True
-        half = net(x, sigma, condition=cond, unconditional_condition=uncond)
-    assert half.dtype == torch.float32 and (half - full).abs().max() < 0.05 * full.abs().max()
+        half, half_dtypes = convolution_dtypes(lambda: net(x, sigma, condition=cond, unconditional_condition=uncond))
+    assert half.dtype == torch.float32 and full_dtypes == {torch.float32}
+    if device == "cuda":
+        assert half_dtypes == {torch.float16}
+        assert 0 < (half - full).abs().max() < 0.05 * full.abs().max()
+    else:
+        assert half_dtypes == {torch.float32} and torch.equal(half, full)
 
 
 def test_sample_py_samples_a_pretrained_diffusers_folder(tmp_path, installed, parts, monkeypatch):

@@ -11,8 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import train
-from tests.conftest import ROOT
+from tests.conftest import DEVICES, ROOT
 from training import sfd_loss
 from training.training_loop import sfd_iteration, training_loop
 
@@ -438,31 +439,47 @@ def test_teacher_thresholding_switch_reaches_dpm_solver_pp(tiny_teacher_pkl, mon
     assert (len(calls) == 0) is (not thresholding)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("use_step_condition", [False, True])
-def test_teacher_and_student_calls_never_wait_for_the_gpu(use_step_condition):
-    """The hot loop's network work (teacher trajectory with DPM-Solver++ thresholding, student step, backward)
-    makes no host-device synchronisation once its schedule exists (torch's sync debug mode raises on one)."""
+def test_teacher_and_student_calls_never_wait_for_the_gpu(device, use_step_condition):
+    """The loop's hot path (`sfd_iteration`: teacher trajectory with DPM-Solver++ thresholding under the fp16 mode,
+    student steps, backward, gradient clean-up, Adam, the NaN watch) makes no host-device synchronisation once its
+    schedule exists: on CUDA, torch's sync debug mode raises on one. The CPU run makes the same calls."""
     from tests.conftest import build_tiny_edm
+    from training.precision import NonFiniteWatch, RunMode
+    from training.training_loop import make_optimizer, solver_options, split_teacher
 
-    net = build_tiny_edm(use_step_condition=use_step_condition).cuda()
-    schedule = sfd_loss.make_distill_schedule(4, 3, 0.002, 80.0, "polynomial", 7.0, device="cuda")
-    cfg = sfd_loss.TeacherConfig(solver_options=dict(max_order=3, predict_x0=True, lower_order_final=True,
-                                                     thresholding=True),
-                                 step_condition=4 if use_step_condition else None)
-    latents = torch.randn(4, 1, 8, 8, device="cuda")
-    sfd_loss.teacher_trajectory(net, latents, schedule, cfg)  # first call builds and checks the schedule
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    device = torch.device(device)
+    loaded = dnnlib.EasyDict(net=build_tiny_edm(use_step_condition=use_step_condition).to(device), student_unet=None)
+    net, teacher = split_teacher(loaded, freeze_step_layers=use_step_condition)
+    mode = RunMode("fp16", device, (net, teacher), armed_on_cpu=True)
+    nonfinite = NonFiniteWatch(device)
+    optimizer = make_optimizer(net.parameters(), lr=1e-3)
+    cfg = sfd_loss.TeacherConfig(solver_options=solver_options("dpmpp", 3, True, True, thresholding=True))
+    schedule = sfd_loss.make_distill_schedule(4, 3, cfg.sigma_min, cfg.sigma_max, cfg.schedule_type,
+                                              cfg.schedule_rho, net=teacher, device=device)
+    step_condition = torch.full([4], 4.0, device=device) if use_step_condition else None
+    before = copy.deepcopy(net.state_dict())
+
+    def iteration():
+        latents = [torch.randn(4, 1, 8, 8, device=device)]
+        out = sfd_iteration(net, optimizer, teacher, latents, schedule, cfg, afs=True, step_condition=step_condition,
+                            mode=mode, nonfinite=nonfinite)
+        nonfinite.publish()
+        return out
+
+    iteration()  # the first call builds the solver's tables and checks the schedule
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
     try:
-        target = sfd_loss.teacher_trajectory(net, latents, schedule, cfg)
-        x = latents * schedule.t_steps[0]
-        for i in range(3):
-            out = sfd_loss.student_step(net, x, schedule, i, afs=True,
-                                        step_condition=4 if use_step_condition else None)
-            if i > 0:
-                sfd_loss.l1_loss(out, target[i]).sum().backward()
-            x = out.detach()
+        results = [iteration() for _ in range(2)]  # the second one reads the lagged NaN flag of the first
     finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(x).all()
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert mode.precision == "fp16" and net.use_fp16 and teacher.use_fp16
+    assert not nonfinite.seen(now=True)
+    for result in results:
+        assert result.targets[0].shape == (3, 4, 1, 8, 8) and torch.isfinite(result.targets[0]).all()
+        assert all(torch.isfinite(loss[0]).all() for loss in result.losses)
+    assert any(not torch.equal(v, before[k]) for k, v in net.state_dict().items())
