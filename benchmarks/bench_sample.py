@@ -147,10 +147,19 @@ def measure(*, tiny, batch, batches, warmup, num_steps, afs, png, cudnn_benchmar
 @click.option("--compile", default=None, metavar="MODE",
               help="torch.compile the network: default, reduce-overhead (CUDA graphs), max-autotune, or a backend")
 @click.option("--cudnn_benchmark", is_flag=True, help="torch.backends.cudnn.benchmark (sample.py leaves it off)")
+@click.option("--fast", is_flag=True,
+              help="The fast path (benchmarks/common.py FAST_SAMPLE: " + ", ".join(common.as_pairs(common.FAST_SAMPLE))
+              + "); --precision/--channels_last/--compile given on the command line override it")
 @click.option("--device", default=None, help="Device  [default: cuda if available]")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also append the JSON line to FILE")
-def main(device, json_path, **opts):
+@click.pass_context
+def main(ctx, device, json_path, fast, **opts):
+    if fast:
+        for name, value in common.FAST_SAMPLE.items():
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.COMMANDLINE:
+                opts[name] = value
     result = measure(device=common.pick_device(device), **opts)
+    result["settings"]["fast"] = fast
     common.report(result, json_path)
 
 

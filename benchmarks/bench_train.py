@@ -47,11 +47,14 @@ from training.precision import PRECISIONS  # noqa: E402
 
 
 class LoopProbe:
-    """Timers and call counters around the functions the training loop calls, active after warm-up."""
+    """Timers and call counters around the functions the training loop calls, active after warm-up; with a
+    profiler, the iteration after the measured ones (from its teacher call to its tick) is profiled instead."""
 
-    def __init__(self, device, warmup_nimg):
+    def __init__(self, device, warmup_nimg, end_nimg=None, profiler=None):
         self.watch = common.Stopwatch(device)
         self.warmup_nimg = warmup_nimg
+        self.end_nimg = end_nimg  # trajectories after which measuring stops (None: never)
+        self.profiler = profiler
         self.seen_nimg = 0          # trajectories whose teacher has been started
         self.measured_nimg = 0
         self.measuring = False
@@ -75,7 +78,10 @@ class LoopProbe:
     def wrap_teacher(self, original):
         def teacher_trajectory(teacher, latents, *args, **kwargs):
             # An iteration starts with its teacher calls; warm-up ends on an iteration boundary.
-            self.measuring = self.seen_nimg >= self.warmup_nimg
+            past_end = self.end_nimg is not None and self.seen_nimg >= self.end_nimg
+            self.measuring = self.seen_nimg >= self.warmup_nimg and not past_end
+            if past_end and self.profiler is not None:
+                self.profiler.start()
             self.seen_nimg += latents.shape[0]
             self._count_calls(teacher, "teacher")
             if not self.measuring:
@@ -116,9 +122,15 @@ class LoopProbe:
         from training import training_loop as loop_module
 
         saved = dict(teacher=sfd_loss.teacher_trajectory, student=sfd_loss.student_step,
-                     snapshot=getattr(loop_module, "save_snapshot", None))
+                     snapshot=getattr(loop_module, "save_snapshot", None), tick=loop_module.TickLog.write)
         sfd_loss.teacher_trajectory = self.wrap_teacher(saved["teacher"])
         sfd_loss.student_step = self.wrap_student(saved["student"])
+        if self.profiler is not None:
+            def write_tick(log, *args, **kwargs):
+                self.profiler.stop()  # the profiled iteration ends where its tick begins
+                return saved["tick"](log, *args, **kwargs)
+
+            loop_module.TickLog.write = write_tick
         if saved["snapshot"] is not None:
             loop_module.save_snapshot = lambda *args, **kwargs: None  # the benchmark keeps no network
         handles = [register_optimizer_step_pre_hook(self._before_step),
@@ -127,6 +139,7 @@ class LoopProbe:
             yield self
         finally:
             sfd_loss.teacher_trajectory, sfd_loss.student_step = saved["teacher"], saved["student"]
+            loop_module.TickLog.write = saved["tick"]
             if saved["snapshot"] is not None:
                 loop_module.save_snapshot = saved["snapshot"]
             for h in handles + self._handles:
@@ -160,14 +173,16 @@ def read_ticks(run_dir):
 
 
 def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M, afs, sampler_tea, max_order,
-            precision, device, seed=0, loop_kwargs=None):
-    """Run the loop and return the result dict (see the module docstring)."""
+            precision, device, seed=0, loop_kwargs=None, profile=False):
+    """Run the loop and return the result dict (see the module docstring). With `profile`, one more iteration runs
+    after the measured ones under torch.profiler, and the result holds its summary (benchmarks/profiling.py)."""
+    from benchmarks.profiling import IterationProfiler
     from torch_utils.persistence import save_edm_pickle
     from training.training_loop import training_loop
 
     warmup_iters = max(1, math.ceil(warmup_kimg * 1000 / batch - 1e-9))
     measured_iters = max(1, math.ceil(kimg * 1000 / batch - 1e-9))
-    total_nimg = (warmup_iters + measured_iters) * batch
+    total_nimg = (warmup_iters + measured_iters + int(profile)) * batch
 
     net = common.build_edm(tiny, use_step_condition=use_step_condition, seed=seed).to(device)
     x = torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution], device=device)
@@ -180,25 +195,29 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
         model_path = os.path.join(tmp, "teacher.pkl")
         save_edm_pickle(model_path, {"ema": net.cpu()})
         net = None  # the loop loads its own copy
-        probe = LoopProbe(device, warmup_nimg=warmup_iters * batch)
+        profiler = IterationProfiler(device) if profile else None
+        probe = LoopProbe(device, warmup_nimg=warmup_iters * batch,
+                          end_nimg=(warmup_iters + measured_iters) * batch, profiler=profiler)
         run_dir = os.path.join(tmp, "run")
         os.makedirs(run_dir)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        loop_options = dict(
+            run_dir=run_dir, dataset_name=None if tiny else "cifar10", model_path=model_path,
+            use_step_condition=use_step_condition, num_steps=num_steps, M=M, afs=afs, sampler_tea=sampler_tea,
+            max_order=max_order, batch_size=batch,
+            total_kimg=(total_nimg - 0.5) / 1000,       # ends exactly after the last iteration
+            kimg_per_tick=(batch - 0.5) / 1000,         # one tick (stats line) per iteration
+            seed=seed, precision=precision, lpips=False, cache_root=os.path.join(tmp, "src"), device=device,
+            progress=False)
+        loop_options.update(loop_kwargs or {})  # --fast and --loop_kwarg win over the options above
         with probe.installed(), contextlib.redirect_stdout(sys.stderr):  # stdout keeps only the report
-            training_loop(
-                run_dir=run_dir, dataset_name=None if tiny else "cifar10", model_path=model_path,
-                use_step_condition=use_step_condition, num_steps=num_steps, M=M, afs=afs, sampler_tea=sampler_tea,
-                max_order=max_order, batch_size=batch,
-                total_kimg=(total_nimg - 0.5) / 1000,       # ends exactly after the last iteration
-                kimg_per_tick=(batch - 0.5) / 1000,         # one tick (stats line) per iteration
-                seed=seed, precision=precision, lpips=False, cache_root=os.path.join(tmp, "src"), device=device,
-                progress=False, **(loop_kwargs or {}))
+            training_loop(**loop_options)
         ticks = read_ticks(run_dir)
-    if len(ticks) != warmup_iters + measured_iters:
-        raise RuntimeError(f"expected one tick per iteration ({warmup_iters + measured_iters}), got {len(ticks)}: "
-                           f"the loop's tick rule changed; update bench_train.measure")
-    last_warm, measured = ticks[warmup_iters - 1], ticks[warmup_iters:]
+    if len(ticks) != warmup_iters + measured_iters + int(profile):
+        raise RuntimeError(f"expected one tick per iteration ({warmup_iters + measured_iters + int(profile)}), got "
+                           f"{len(ticks)}: the loop's tick rule changed; update bench_train.measure")
+    last_warm, measured = ticks[warmup_iters - 1], ticks[warmup_iters:warmup_iters + measured_iters]
     seconds = measured[-1]["total_sec"] - last_warm["total_sec"]
     measured_kimg = measured[-1]["kimg"] - last_warm["kimg"]
     s_per_kimg = seconds / measured_kimg
@@ -219,8 +238,9 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
         bench="train", env=common.environment(device),
         settings=dict(network="tiny" if tiny else "cifar10", params=params, use_step_condition=use_step_condition,
                       batch=batch, num_steps=num_steps, M=M, afs=afs, sampler_tea=sampler_tea, max_order=max_order,
-                      precision=precision, mixed_precision=bool(measured[-1].get("mixed_precision")),
-                      warmup_kimg=warmup_iters * batch / 1000, measured_kimg=measured_kimg, **(loop_kwargs or {})),
+                      **{**dict(precision=precision), **(loop_kwargs or {})},
+                      mixed_precision=bool(measured[-1].get("mixed_precision")),
+                      warmup_kimg=warmup_iters * batch / 1000, measured_kimg=measured_kimg),
         s_per_kimg=s_per_kimg, trajectories_per_s=1000 / s_per_kimg, tflops=tflops,
         flops_per_forward=flops_fwd, teacher_forwards_per_traj=teacher_calls,
         student_fwdbwd_per_traj=student_calls, flops_per_traj=flops_traj,
@@ -229,6 +249,10 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
         reserved_gb=torch.cuda.memory_reserved(device) / 2**30 if device.type == "cuda" else None,
         **per_kimg,
     )
+    if profile:
+        if profiler.summary is None:
+            raise RuntimeError("the profiled iteration never reached its tick: update bench_train.LoopProbe")
+        result["profile"] = profiler.summary
     result["summary"] = [
         f"{s_per_kimg:.3f} s/kimg ({1000 / s_per_kimg:.1f} trajectories/s) over {measured_kimg:g} kimg after "
         f"{warmup_iters * batch / 1000:g} kimg warm-up",
@@ -238,6 +262,8 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
         f"peak memory {peak:.2f} GB ({result['peak_mem_kind']}, GB = 2^30 bytes)",
         "breakdown s/kimg: " + ", ".join(f"{k.replace('_s_per_kimg', '')} {v:.3f}" for k, v in per_kimg.items()),
     ]
+    if profile:
+        result["summary"] += ["profile of one more iteration (not timed above):"] + profiler.summary["text"].splitlines()
     return result
 
 
@@ -261,13 +287,19 @@ def measure(*, tiny, use_step_condition, batch, warmup_kimg, kimg, num_steps, M,
 @click.option("--loop_kwarg", "loop_kwarg", multiple=True, metavar="NAME=VALUE",
               help="Another training_loop keyword (VALUE parsed as JSON), e.g. a precision option; repeatable")
 @click.option("--device", default=None, help="Device  [default: cuda if available]")
+@click.option("--fast", is_flag=True,
+              help="The fast path (benchmarks/common.py FAST_TRAIN: " + ", ".join(common.as_pairs(common.FAST_TRAIN))
+              + "); --loop_kwarg entries override it")
+@click.option("--profile", is_flag=True,
+              help="Profile one more iteration after the measured ones (top kernels, launches, host syncs)")
 @click.option("--json", "json_path", default=None, metavar="FILE", help="Also append the JSON line to FILE")
-def main(tiny, device, json_path, loop_kwarg, **opts):
+def main(tiny, device, json_path, loop_kwarg, fast, **opts):
     from training.training_loop import training_loop
 
-    loop_kwargs = parse_loop_kwargs(loop_kwarg, training_loop)
+    loop_kwargs = parse_loop_kwargs((common.as_pairs(common.FAST_TRAIN) if fast else ()) + loop_kwarg, training_loop)
     device = common.pick_device(device)
     result = measure(tiny=tiny, device=device, loop_kwargs=loop_kwargs, **opts)
+    result["settings"]["fast"] = fast
     common.report(result, json_path)
 
 

@@ -41,8 +41,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks import common  # noqa: E402
 from benchmarks.bench_train import parse_loop_kwargs, read_ticks  # noqa: E402
 
-DEFAULT_FAST = ("precision=\"bf16\"", "channels_last=true", "compile=true")
-DEFAULT_SAMPLE_FAST = ("precision=\"fp16\"", "channels_last=true", "compile=true")
+DEFAULT_FAST = common.as_pairs(common.FAST_TRAIN)
+DEFAULT_SAMPLE_FAST = common.as_pairs(common.FAST_SAMPLE)
 
 
 def train(model_path, tmp, name, batch, kimg, device, seed, loop_kwargs):

@@ -8,9 +8,19 @@ import time
 
 import torch
 
+# The fast paths: what bench_train.py and bench_sample.py time with --fast, and what check_equivalence.py compares
+# with fp32 by default. Training: training_loop keywords (train.py's switches); sampling: sample.py's switches.
+FAST_TRAIN = dict(precision="bf16", channels_last=True, compile=True)
+FAST_SAMPLE = dict(precision="fp16", channels_last=True, compile=True)
+
 # A SongUNet small enough for CPU runs of every benchmark (3 channels so the PNG path is the RGB one).
 TINY_EDM = dict(img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0, augment_dim=0)
+
+
+def as_pairs(options):
+    """NAME=VALUE strings (VALUE as JSON) of a keyword dict, the form --loop_kwarg and --fast take."""
+    return tuple(f"{k}={json.dumps(v)}" for k, v in options.items())
 
 
 def pick_device(name):

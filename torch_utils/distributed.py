@@ -1,7 +1,8 @@
 """Process-group helpers that work the same under torchrun and plain `python`.
 
-torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; without them we run as a single
-process and never create a process group. NCCL on CUDA, gloo on CPU.
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under torchrun a process group is always made,
+one rank included (so `torchrun --nproc_per_node=1` runs NCCL and DDP as a multi-GPU job does); a plain `python`
+process makes none. NCCL on CUDA, gloo on CPU.
 """
 
 import os
@@ -17,15 +18,23 @@ def init(device=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device.type == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     return device
+
+
+def launched_by_torchrun():
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def backend():
+    """The process group's backend ('nccl', 'gloo'), or None without a group."""
+    return dist.get_backend() if is_distributed() else None
 
 
 def is_distributed():

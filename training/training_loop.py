@@ -161,7 +161,8 @@ def training_loop(
     for module in (net, teacher):
         prepare_module(module, channels_last=channels_last)
     dist.print0(f"Parameters: {sum(p.numel() for p in net.parameters()):,} | batch {batch_size} = "
-                f"{batch_gpu} per round × {num_rounds} rounds × {world} ranks | device {device}")
+                f"{batch_gpu} per round × {num_rounds} rounds × {world} ranks | device {device}"
+                + (f" | {dist.backend()} process group, DDP" if dist.is_distributed() else ""))
 
     perceptual = None
     if is_second_stage and loaded.settings.get("model_source", "edm") == "edm" and lpips:
