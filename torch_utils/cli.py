@@ -35,6 +35,66 @@ def parse_int_list(text, option="--seeds"):
     return values
 
 
+def check_output_dir(path, option):
+    """A folder that a command will create (with its parents) or write into: refused in one line when it names a
+    file or sits under one, or when its nearest existing folder is not writable. Nothing is created here."""
+    full = os.path.abspath(str(path))
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise click.BadParameter(f"{path} is a file, not a folder; give a folder path", param_hint=option)
+    parent = full
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"{parent} is a file, so {path} cannot be made; give a folder path",
+                                 param_hint=option)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{parent} is not writable; give a folder you can write to", param_hint=option)
+    return full
+
+
+def check_output_file(path, option):
+    """A file that a command will write (its folder created if missing): refused when it is a folder, or when its
+    folder cannot be made or written."""
+    if os.path.isdir(str(path)):
+        raise click.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
+    check_output_dir(os.path.dirname(os.path.abspath(str(path))), option)
+    return os.path.abspath(str(path))
+
+
+def check_input_file(path, option):
+    """A file that a command will read: refused when it is missing, a folder or unreadable."""
+    if not os.path.exists(path):
+        raise click.BadParameter(f"no such file: {path}", param_hint=option)
+    if os.path.isdir(path):
+        raise click.BadParameter(f"{path} is a folder; give a file", param_hint=option)
+    if not os.access(path, os.R_OK):
+        raise click.BadParameter(f"{path} is not readable", param_hint=option)
+    return path
+
+
+def check_device(name, option="--device"):
+    """The torch device a command will run on (None: CUDA when there is one, else the CPU), refused in one line when
+    torch does not know it or this machine lacks it."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{name!r} is not a device; use cpu, cuda or cuda:N", param_hint=option) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{name}: this machine has no CUDA device (or this torch build has no CUDA); "
+                                     "use --device=cpu", param_hint=option)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{name}: only {torch.cuda.device_count()} CUDA device(s) here",
+                                     param_hint=option)
+    elif device.type != "cpu":
+        raise click.BadParameter(f"{name!r}: only cpu and cuda devices are supported", param_hint=option)
+    return device
+
+
 def format_time(seconds):
     """12s, 3m04s or 1h02m03s."""
     m, s = divmod(int(max(seconds, 0)), 60)
