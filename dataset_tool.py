@@ -17,6 +17,8 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
+from torch_utils import cli
+from torch_utils.cli import CommandError
 
 FMNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package `dataset-fashion-mnist`
 FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com"  # the official mirror (zalandoresearch)
@@ -101,11 +103,51 @@ def fetch_fmnist(cache_dir=FMNIST_CACHE_DIR):
     return cache_dir
 
 
+def _has_all_files(folder):
+    return all(os.path.isfile(os.path.join(folder, n)) for names in FMNIST_FILES.values() for n in names)
+
+
 def default_source():
     """The Debian package's folder when it is installed, else the download cache (filled on demand)."""
-    if all(os.path.isfile(os.path.join(FMNIST_DEBIAN_DIR, n)) for n in FMNIST_FILES["train"] + FMNIST_FILES["test"]):
+    if _has_all_files(FMNIST_DEBIAN_DIR):
         return FMNIST_DEBIAN_DIR
     return fetch_fmnist()
+
+
+def check_source(source, split):
+    """--source: an existing folder holding the split's two idx files (looked for, not read); without it, the
+    download cache must be writable when files are missing."""
+    if source is None:
+        if not _has_all_files(FMNIST_DEBIAN_DIR) and not _has_all_files(FMNIST_CACHE_DIR):
+            try:
+                cli.check_output_dir(FMNIST_CACHE_DIR, "--source")
+            except click.BadParameter as e:
+                raise click.BadParameter(
+                    f"not given, so the files would be downloaded into ./{FMNIST_CACHE_DIR}, but "
+                    f"{e.message.split(';')[0]}; run where ./src can be written, or give --source=DIR with the idx files",
+                    param_hint="--source") from None
+        return
+    if not os.path.exists(source):
+        raise click.BadParameter(f"no such folder: {source}; give the folder holding the idx files",
+                                 param_hint="--source")
+    if not os.path.isdir(source):
+        raise click.BadParameter(f"{source} is a file; give the folder holding the idx files", param_hint="--source")
+    try:
+        for name in FMNIST_FILES[split]:
+            find_idx(source, name)
+    except IdxError as e:
+        raise click.BadParameter(str(e), param_hint="--source") from None
+
+
+def check_dest(dest):
+    """--dest: a .zip file that can be written (its folder made if missing), or a new or empty folder."""
+    if dest.lower().endswith(".zip"):
+        cli.check_output_file(dest, "--dest")
+        return
+    cli.check_output_dir(dest, "--dest")
+    if os.path.isdir(dest) and os.listdir(dest):
+        raise click.BadParameter(f"folder {dest} is not empty; give an empty or new folder, or a .zip",
+                                 param_hint="--dest")
 
 
 # ----------------------------------------------------------------------------
@@ -146,8 +188,7 @@ def write_dataset(dest, images, labels):
                 os.remove(tmp)
             raise
         return
-    if os.path.isdir(dest) and os.listdir(dest):
-        raise click.BadParameter(f"folder {dest} is not empty; give an empty or new folder, or a .zip", param_hint="--dest")
+    check_dest(dest)
     for i, image in enumerate(images):
         path = os.path.join(dest, image_name(i))
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -187,12 +228,12 @@ def main():
               help="Keep only the first INT images.  [default: all]")
 def fmnist(dest, source, split, max_images):
     """Fashion-MNIST -> 32x32 grayscale PNGs (2-pixel black border) with class labels 0..9."""
+    check_dest(dest)
+    check_source(source, split)
     try:
         folder = source if source is not None else default_source()
     except dnnlib.util.DownloadError as e:
-        raise click.ClickException(str(e)) from None
-    if not os.path.isdir(folder):
-        raise click.BadParameter(f"{folder} is not a folder", param_hint="--source")
+        raise CommandError(str(e)) from None
     try:
         images, labels = load_fmnist(folder, split)
     except IdxError as e:
@@ -206,4 +247,4 @@ def fmnist(dest, source, split, max_images):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -5,7 +5,8 @@ import os
 import click
 
 import dnnlib
-from metrics.detectors import iterate_features, load_detector_rank0_first, one_line
+from metrics.detectors import (DEFAULT_DETECTOR_URL, compute_features, detector_format, iterate_features,
+                               load_detector_rank0_first, one_line)
 from metrics.frechet import FeatureStats, frechet_distance, load_ref, save_ref
 from metrics.images import ImageFiles, ImageSourceError
 from torch_utils import cli
@@ -66,6 +67,65 @@ def compute_stats_or_fail(images, detector, batch, device, workers, option):
         raise click.BadParameter(one_line(e), param_hint="--detector") from None
 
 
+def default_workers():
+    """Decoding workers per rank when --workers is not given: 3, but at most the CPU cores this process may use
+    less one (torch warns when a DataLoader has more workers than cores), and at least 0."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        cores = os.cpu_count() or 1
+    return max(0, min(3, cores - 1))
+
+
+# --- checks made before anything loads: one line naming the option, exit code 2, nothing written ---------------
+
+
+def check_download_cache(url, cache):
+    """--cache must be a folder this process can write when `url` is not cached in CACHE/metrics/ yet."""
+    cache_dir = os.path.join(cache, "metrics")
+    if not os.path.isfile(os.path.join(cache_dir, dnnlib.util._file_name_from_url(url))):
+        cli.check_output_dir(cache_dir, "--cache")
+
+
+def check_detector(spec, cache):
+    """--detector: a readable TorchScript/.pkl file, or a URL (the built-in one for None) whose download --cache
+    can take."""
+    if spec is None or "://" in str(spec):
+        check_download_cache(spec or DEFAULT_DETECTOR_URL, cache)
+        return
+    cli.check_input_file(spec, "--detector")
+    try:
+        detector_format(spec)
+    except ValueError as e:
+        raise click.BadParameter(one_line(e), param_hint="--detector") from None
+
+
+def read_ref(ref_path, cache):
+    """(mu, sigma) of --ref, a local .npz or a URL (downloaded once into CACHE/metrics/)."""
+    try:
+        return load_ref(ref_path, cache_dir=os.path.join(cache, "metrics"))
+    except dnnlib.util.DownloadError as e:
+        raise CommandError(one_line(e)) from None
+    except ValueError as e:
+        raise click.BadParameter(one_line(e), param_hint="--ref") from None
+
+
+def check_not_same_file(path, option, other_path, other_option, why):
+    """Refuse an output that would overwrite or append to an input."""
+    if other_path and "://" not in str(other_path) and os.path.realpath(path) == os.path.realpath(other_path):
+        raise click.BadParameter(f"{path} is also the {other_option} {why}; give another file", param_hint=option)
+
+
+def feature_size(detector, images, device, option):
+    """Features per image of this detector, from the first image: found before all images are read."""
+    try:
+        return compute_features(detector, images[0][None], device).shape[1]
+    except ImageSourceError as e:
+        raise click.BadParameter(one_line(e), param_hint=option) from None
+    except ValueError as e:
+        raise click.BadParameter(one_line(e), param_hint="--detector") from None
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -90,10 +150,15 @@ def main():
 
 
 def common_options(fn):
+    fn = click.option("--device", default=None, metavar="DEVICE",
+                      help="Where the detector runs: cpu, cuda or cuda:N; under torchrun each rank uses "
+                           "cuda:LOCAL_RANK for cuda.  "
+                           "[default: cuda if this machine has it, else cpu]")(fn)
     fn = click.option("--cache", default="./src", show_default=True, metavar="DIR",
                       help="Download cache root; the detector and reference URLs go to DIR/metrics/.")(fn)
-    fn = click.option("--workers", type=click.IntRange(min=0), default=3, show_default=True, metavar="INT",
-                      help="Image-decoding worker processes per rank (0 = decode in the main process).")(fn)
+    fn = click.option("--workers", type=click.IntRange(min=0), default=None, metavar="INT",
+                      help="Image-decoding worker processes per rank (0 = decode in the main process).  "
+                           f"[default: min(3, CPU cores available - 1), here {default_workers()}]")(fn)
     fn = click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, metavar="INT",
                       help="Images per detector call on each rank.")(fn)
     fn = click.option("--detector", default=None, metavar="PATH|URL", help=DETECTOR_HELP)(fn)
@@ -114,18 +179,34 @@ def common_options(fn):
 @click.option("--label", default=None, metavar="TEXT",
               help="Label of the --results line.  [default: the --images path]")
 @common_options
-def calc(images_path, ref_path, num, seed, results_path, label, detector, batch, workers, cache):
+def calc(images_path, ref_path, num, seed, results_path, label, detector, batch, workers, cache, device):
     """Calculate the FID of a set of images against reference statistics."""
-    device = dist.init()
+    device = cli.check_device(device)
+    workers = default_workers() if workers is None else workers
+    if label is not None and results_path is None:
+        raise click.BadParameter("only the --results line carries a label; add --results=FILE or drop --label",
+                                 param_hint="--label")
+    if results_path is not None:
+        cli.check_output_file(results_path, "--results")
+        check_not_same_file(results_path, "--results", ref_path, "--ref", "file, which a line would be appended to")
+        check_not_same_file(results_path, "--results", images_path, "--images", "zip, which a line would be appended to")
+    ref_is_url = "://" in ref_path
+    if ref_is_url:
+        check_download_cache(ref_path, cache)
+    else:
+        cli.check_input_file(ref_path, "--ref")
+        ref_mu, ref_sigma = read_ref(ref_path, cache)  # the whole file is checked before any image is read
+    check_detector(detector, cache)
     images = open_images(images_path, "--images", num=num, seed=seed)
-    try:
-        ref_mu, ref_sigma = load_ref(ref_path, cache_dir=os.path.join(cache, "metrics"))
-    except dnnlib.util.DownloadError as e:
-        raise CommandError(one_line(e)) from None
-    except ValueError as e:
-        raise click.BadParameter(one_line(e), param_hint="--ref") from None
+    device = dist.init(device)
+    if ref_is_url:
+        ref_mu, ref_sigma = read_ref(ref_path, cache)
     dist.print0(f"Loading detector {detector or 'Inception-v3 (NVIDIA)'}...")
     det = get_detector(detector, device, cache)
+    dim = feature_size(det, images, device, "--images")
+    if dim != ref_mu.shape[0]:
+        raise click.BadParameter(f"{ref_path} holds statistics of {ref_mu.shape[0]} features but the detector gives "
+                                 f"{dim}; were both computed with the same feature detector?", param_hint="--ref")
     dist.print0(f"Computing features of {len(images)} images from {images_path}...")
     stats = compute_stats_or_fail(images, det, batch, device, workers, "--images")
     mu, sigma = stats.mean_cov()
@@ -137,6 +218,7 @@ def calc(images_path, ref_path, num, seed, results_path, label, detector, batch,
         print(f"FID: {fid:.6g}", flush=True)
         if results_path:
             line = f"{label if label is not None else images_path}\t{fid:.6g}\t{stats.num}\t{images_path}\n"
+            os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
             with open(results_path, "a") as f:
                 f.write(line)
     dist.barrier()
@@ -149,12 +231,18 @@ def calc(images_path, ref_path, num, seed, results_path, label, detector, batch,
 @click.option("--dest", "dest_path", required=True, metavar="NPZ",
               help="Output .npz with float64 arrays mu [D] and sigma [D, D].")
 @common_options
-def ref(data_path, dest_path, detector, batch, workers, cache):
+def ref(data_path, dest_path, detector, batch, workers, cache, device):
     """Calculate reference statistics (mu, sigma) of a dataset for 'calc'."""
-    device = dist.init()
+    device = cli.check_device(device)
+    workers = default_workers() if workers is None else workers
+    cli.check_output_file(dest_path, "--dest")
+    check_not_same_file(dest_path, "--dest", data_path, "--data", "zip, which would be overwritten")
+    check_detector(detector, cache)
     images = open_images(data_path, "--data")
+    device = dist.init(device)
     dist.print0(f"Loading detector {detector or 'Inception-v3 (NVIDIA)'}...")
     det = get_detector(detector, device, cache)
+    feature_size(det, images, device, "--data")  # a detector that cannot take these images fails here
     dist.print0(f"Computing features of {len(images)} images from {data_path}...")
     stats = compute_stats_or_fail(images, det, batch, device, workers, "--data")
     mu, sigma = stats.mean_cov()

@@ -16,6 +16,8 @@
 #
 # Environment: GPUS (processes; default: the visible CUDA devices, 1 without any), DATASET (default cifar10), EXP,
 # MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF, PROMPT; DRY=1 prints the command instead of running it.
+# One process runs as plain `python`; several run under torchrun, after train.py has checked its options for that
+# many ranks (--dry-run). Bad input ends in one line and exit code 2, before anything starts.
 # "num_steps" counts time points (steps + 1); AFS saves the first network call, so num_steps=4 with AFS is 2 NFE.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,12 +29,39 @@ sfd | sfdv | stage2 | ldm | bedroom | sd | sample_sd | sample | sample_v | fid |
 *) echo "launch.sh: unknown recipe '$1'; choose one of the recipes below" >&2; usage >&2; exit 2 ;;
 esac
 
+fail() { echo "launch.sh $RECIPE: $*" >&2; exit 2; }
+need() { [ -n "${!1:-}" ] || fail "set $1=$2"; }  # need VAR "what it is"
+RECIPE=$1
 if [ -z "${GPUS:-}" ]; then
     GPUS=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
 fi
+[[ "$GPUS" =~ ^[1-9][0-9]*$ ]] || fail "GPUS=$GPUS is not a positive number of processes (e.g. GPUS=4)"
+[[ "${NUM_STEPS:-4}" =~ ^[0-9]+$ ]] || fail "NUM_STEPS=$NUM_STEPS is not a whole number"
+[[ "${EXP:-0}" =~ ^[0-9]+$ ]] || [ -e "${EXP}" ] || fail "EXP=$EXP is neither an experiment number nor a path"
 DATASET=${DATASET:-cifar10}
 maybe() { if [ -n "${DRY:-}" ]; then echo "$@"; else "$@"; fi; }
-RUN="maybe torchrun --standalone --nproc_per_node=${GPUS}"
+
+# Our scripts end bad input with exit code 2; under torchrun they also leave it here, and launch.sh keeps it.
+export SFD_EXIT_CODE_FILE
+SFD_EXIT_CODE_FILE=$(mktemp)
+trap 'rm -f "$SFD_EXIT_CODE_FILE"' EXIT
+launch() {  # launch SCRIPT ARGS...: one process as python, several under torchrun
+    local script=$1
+    if [ "$GPUS" = 1 ]; then
+        maybe python "$@"
+        return
+    fi
+    if [ "$script" = train.py ] && [ -z "${DRY:-}" ]; then
+        local check
+        check=$(WORLD_SIZE=$GPUS python "$@" --dry-run 2>&1 >/dev/null) || { echo "$check" >&2; exit 2; }
+    fi
+    maybe torchrun --standalone --nproc_per_node="$GPUS" "$@" || {
+        local rc=$?
+        [ -s "$SFD_EXIT_CODE_FILE" ] && exit "$(cat "$SFD_EXIT_CODE_FILE")"
+        exit $rc
+    }
+}
+RUN=launch
 
 case "$1" in
 sfd)
@@ -51,7 +80,7 @@ sfdv)
     ;;
 stage2)
     # Second stage for a 1-NFE model (with M=2 the teacher should be an SFD model trained with num_steps=7, or SFD-v)
-    : "${MODEL:?set MODEL=path/to/the/first-stage/network-snapshot-*.safetensors}"
+    need MODEL "path/to/the/first-stage/network-snapshot-*.safetensors"
     $RUN train.py \
         --model_path="$MODEL" \
         --dataset_name="$DATASET" --total_kimg=2000 --batch=128 --lr=5e-4 \
@@ -59,7 +88,7 @@ stage2)
     ;;
 ldm)
     # LDM backbones (./src/$DATASET/model.ckpt from the LDM zip, VQ-f4 first stage): discrete schedule, unconditional
-    [[ "$DATASET" == *_ldm ]] || { echo "set DATASET=lsun_bedroom_ldm or DATASET=ffhq_ldm" >&2; exit 2; }
+    [[ "$DATASET" == *_ldm ]] || fail "set DATASET=lsun_bedroom_ldm or DATASET=ffhq_ldm"
     $RUN train.py \
         --dataset_name="$DATASET" --total_kimg=200 --batch=128 --lr=5e-5 \
         --num_steps=4 --M=3 --afs=True --sampler_tea="dpmpp" --max_order=3 --predict_x0=True --lower_order_final=True \
@@ -102,11 +131,12 @@ sample_v)
         --num_steps="${NUM_STEPS:-4}"
     ;;
 fid)
-    : "${IMAGES:?set IMAGES=path/to/generated/images}"
+    need IMAGES "path/to/generated/images"
     maybe python fid.py calc --images="$IMAGES" --ref="${REF:-https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz}"
     ;;
 prdc)
-    : "${IMAGES:?set IMAGES=path/to/generated/images}" "${IMAGES_REF:?set IMAGES_REF=path/to/reference/images}"
+    need IMAGES "path/to/generated/images"
+    need IMAGES_REF "path/to/reference/images"
     maybe python prdc.py calc --images="$IMAGES" --images_ref="$IMAGES_REF"
     ;;
 fmnist)

@@ -3,7 +3,7 @@
 import click
 import torch
 
-from fid import common_options, get_detector, open_images
+from fid import check_detector, common_options, default_workers, get_detector, open_images
 from metrics.detectors import iterate_features, one_line
 from metrics.images import ImageSourceError
 from metrics.prdc import compute_prdc, gather_rows
@@ -44,16 +44,23 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, metavar="INT",
               help="Random seed for choosing the images of each side.")
 @common_options
-def calc(images_path, ref_path, nearest_k, num, seed, detector, batch, workers, cache):
+def calc(images_path, ref_path, nearest_k, num, seed, detector, batch, workers, cache, device):
     """Calculate precision, recall, density and coverage of a set of images."""
-    device = dist.init()
+    device = cli.check_device(device)
+    workers = default_workers() if workers is None else workers
+    if nearest_k >= num:
+        raise click.BadParameter(f"--nearest_k={nearest_k} needs more than {nearest_k} images per side but --num={num} "
+                                 f"keeps at most {num}; lower --nearest_k or raise --num", param_hint="--nearest_k")
+    check_detector(detector, cache)
     fake_images = open_images(images_path, "--images", num=num, seed=seed, at_most=True)
     real_images = open_images(ref_path, "--images_ref", num=num, seed=seed, at_most=True)
     for imgs, option in ((fake_images, "--images"), (real_images, "--images_ref")):
         if len(imgs) <= nearest_k:
             raise click.BadParameter(
-                f"{len(imgs)} images are too few for --nearest_k={nearest_k}; need more than k", param_hint=option
+                f"{len(imgs)} images are too few for --nearest_k={nearest_k}; need more than k, or lower --nearest_k",
+                param_hint=option,
             )
+    device = dist.init(device)
     dist.print0(f"Loading detector {detector or 'Inception-v3 (NVIDIA)'}...")
     det = get_detector(detector, device, cache)
     feats = {}

@@ -19,6 +19,7 @@ python sample.py --dataset_name=cifar10 --solver=dpmpp --num_steps=7 --afs=True 
 python sample.py --model_path=0 --seeds=0-9999 --fid_ref=path/to/ref.npz --no-save
 """
 
+import collections
 import concurrent.futures
 import glob
 import os
@@ -29,6 +30,7 @@ import click
 import numpy as np
 import PIL.Image
 import torch
+from click.core import ParameterSource
 
 import dnnlib
 import solvers
@@ -39,6 +41,7 @@ from training.precision import PRECISIONS, RunMode, maybe_compile, prepare_modul
 from training.sfd_loss import SFDV_NUM_STEPS
 
 SOLVER_OPTION_NAMES = tuple(solvers.SOLVER_OPTIONS["dpmpp"])  # the solver options sample.py exposes
+DEFAULT_OUTDIR_ROOT = "./samples"
 
 
 class SeedGenerators:
@@ -57,10 +60,55 @@ class SeedGenerators:
 def latest_snapshot(exp_number, exps_dir="./exps"):
     """Latest `network-snapshot-*.safetensors` of the experiment folder `exps_dir/NNNNN-*`."""
     prefix = f"{int(exp_number):05d}-"
-    folders = sorted(glob.glob(os.path.join(exps_dir, prefix + "*")))
+    if os.path.exists(exps_dir) and not os.path.isdir(exps_dir):
+        raise click.BadParameter(f"{exps_dir} is a file, not a folder of experiments", param_hint="--exps_dir")
+    folders = sorted(f for f in glob.glob(os.path.join(exps_dir, prefix + "*")) if os.path.isdir(f))
     if not folders:
-        raise click.BadParameter(f"no experiment folder {exps_dir}/{prefix}*", param_hint="--model_path")
+        raise click.BadParameter(f"no experiment folder {exps_dir}/{prefix}*; {where_runs_are(exp_number, exps_dir)}",
+                                 param_hint="--model_path")
     return latest_snapshot_in(folders[0])
+
+
+def numbered_runs(folder):
+    """The run numbers of the experiment folders `NNNNN-*` directly inside `folder` (train.py's layout)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted({int(n[:5]) for n in names
+                   if re.fullmatch(r"\d{5}-.+", n) and os.path.isdir(os.path.join(folder, n))})
+
+
+def _run_list(numbers):
+    if len(numbers) == 1:
+        return f"run {numbers[0]:05d}"
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"runs {numbers[0]:05d}..{numbers[-1]:05d}"
+    shown = ", ".join(f"{n:05d}" for n in numbers[:4])
+    return f"runs {shown}" + (", ..." if len(numbers) > 4 else "")
+
+
+def where_runs_are(exp_number, exps_dir):
+    """For the 'no experiment folder' error: which runs `exps_dir` holds, and which of its sub-folders hold
+    numbered runs of their own (train.py --outdir=exps/NAME, as the quickstart does), with the --exps_dir to add."""
+    if not os.path.isdir(exps_dir):
+        return (f"{exps_dir} does not exist: add --exps_dir=DIR for the folder train.py wrote its runs to (its "
+                f"--outdir), or give --model_path a snapshot file or an experiment folder")
+    notes = []
+    own = numbered_runs(exps_dir)
+    if own:
+        notes.append(f"{os.path.normpath(exps_dir)} holds {_run_list(own)}")
+    elsewhere = []
+    for name in sorted(os.listdir(exps_dir)):
+        sub = os.path.join(exps_dir, name)
+        runs = numbered_runs(sub) if os.path.isdir(sub) and not re.fullmatch(r"\d{5}-.+", name) else []
+        if runs:
+            elsewhere.append((int(exp_number) not in runs, os.path.normpath(sub), runs))
+    for _, sub, runs in sorted(elsewhere)[:3]:  # the folders holding the asked-for number first
+        notes.append(f"{sub} holds {_run_list(runs)}: add --exps_dir={sub}")
+    if not elsewhere:
+        notes.append("add --exps_dir=DIR for the folder train.py wrote its runs to (its --outdir)")
+    return "; ".join(notes)
 
 
 def latest_snapshot_in(folder):
@@ -111,9 +159,127 @@ def check_sampling_options(opts):
                                  param_hint="--sigma_min")
     if opts.schedule_rho is not None and opts.schedule_type != "logsnr" and not opts.schedule_rho > 0:
         raise click.BadParameter(f"must be > 0, got {opts.schedule_rho}", param_hint="--schedule_rho")
+    if opts.schedule_rho is not None and opts.schedule_type == "logsnr":
+        raise click.BadParameter("the logsnr schedule has no exponent; drop --schedule_rho or pick another "
+                                 "--schedule_type", param_hint="--schedule_rho")
     if opts.afs and opts.num_steps == 2 and not opts.denoise_to_zero:
         raise click.BadParameter("num_steps=2 with --afs leaves no network call (NFE 0); use --num_steps >= 3 or "
                                  "drop --afs", param_hint="--num_steps")
+    if opts.solver is not None:  # without --solver the model decides (a distilled snapshot refuses them all)
+        check_solver_options(opts.solver, opts)
+
+
+def check_solver_options(solver, opts, default=False):
+    """A solver option of another solver would be ignored: refused, naming the solvers that have it."""
+    for name in SOLVER_OPTION_NAMES:
+        if opts[name] is not None and name not in solvers.SOLVER_OPTIONS[solver]:
+            owners = " or ".join(f"--solver={s}" for s in sorted(solvers.SOLVER_OPTIONS) if name in
+                                 solvers.SOLVER_OPTIONS[s])
+            which = f"the default solver, {solver}," if default else f"--solver={solver}"
+            raise click.BadParameter(f"{which} has no {name}; it applies to {owners}", param_hint=f"--{name}")
+
+
+def check_seeds(seeds):
+    """Every seed is one image and one file: a seed listed twice would be sampled twice and written once, and a seed
+    from 2^32 on would draw the image of a smaller one (generators take seeds mod 2^32, as EDM does)."""
+    too_big = [s for s in seeds if s >= 1 << 32]
+    if too_big:
+        raise click.BadParameter(f"{too_big[0]} is too large; seeds run from 0 to {(1 << 32) - 1}",
+                                 param_hint="--seeds")
+    counts = collections.Counter(seeds)
+    repeated = [(s, n) for s, n in counts.items() if n > 1]
+    if repeated:
+        said = ", ".join(f"{s} {'twice' if n == 2 else f'{n} times'}" for s, n in repeated[:3])
+        extra = len(repeated) - 3
+        more = f" and {extra} more repeated seed{'s' if extra > 1 else ''}" if extra > 0 else ""
+        raise click.BadParameter(f"lists {said}{more}; each seed is one image, list it once", param_hint="--seeds")
+
+
+def _given(name):
+    """Whether option `name` was given on the command line (not left at its default)."""
+    ctx = click.get_current_context(silent=True)
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source is not None and source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _is_url(spec):
+    return "://" in str(spec)
+
+
+def check_command_line(grid, save_images, outdir, opts):
+    """One-line errors for options that contradict each other and for paths that cannot be used, all before the
+    network is loaded; nothing is created."""
+    if not save_images:
+        if not opts.fid_ref:
+            raise click.BadParameter("--no-save without --fid_ref would produce nothing", param_hint="--save")
+        for name, given in (("grid", grid), ("subdirs", _given("subdirs")), ("outdir", outdir is not None)):
+            if given:
+                raise click.BadParameter(f"--no-save writes no images; drop --{name}", param_hint=f"--{name}")
+    if grid and _given("subdirs"):
+        raise click.BadParameter("--grid writes one grid.png, not one PNG per seed; drop --subdirs",
+                                 param_hint="--subdirs")
+    if opts.detector is not None and not opts.fid_ref:
+        raise click.BadParameter("the detector is used only for --fid_ref; add --fid_ref or drop --detector",
+                                 param_hint="--detector")
+    if opts.prompt is not None and opts.captions is not None:
+        raise click.BadParameter("--prompt gives every seed the same prompt, so the caption file would go unused; "
+                                 "drop one of them", param_hint="--captions")
+    if opts.captions is not None:
+        cli.check_input_file(opts.captions, "--captions")
+    if opts.fid_ref and not _is_url(opts.fid_ref):
+        cli.check_input_file(opts.fid_ref, "--fid_ref")
+    if opts.detector is not None:
+        from metrics.detectors import detector_format
+
+        if not _is_url(opts.detector):
+            cli.check_input_file(opts.detector, "--detector")
+        try:
+            detector_format(opts.detector)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--detector") from None
+    if save_images:
+        # The default folder is named once the model is known; its root is checked now, the whole path later.
+        cli.check_output_dir(outdir if outdir is not None else DEFAULT_OUTDIR_ROOT, "--outdir")
+
+
+def check_model_takes(net, opts):
+    """Options that only some models use (text prompts, caption files), refused for a model that would ignore them
+    (known once the network is loaded, before anything is sampled)."""
+    if opts.prompt is not None and not hasattr(net, "encode_prompts"):
+        raise click.BadParameter("this model takes no text (Stable Diffusion, --dataset_name=ms_coco, does); drop "
+                                 "--prompt", param_hint="--prompt")
+    if opts.captions is not None and not hasattr(net, "captions_for_seeds"):
+        raise click.BadParameter("this model takes no captions (Stable Diffusion, --dataset_name=ms_coco, does); "
+                                 "drop --captions", param_hint="--captions")
+
+
+def check_captions_cover(net, seeds, prompt):
+    """A text model without --prompt samples the caption of row `seed`: every seed needs a row (checked, and the
+    caption file read, before sampling)."""
+    if prompt is not None or not hasattr(net, "captions_for_seeds"):
+        return
+    try:
+        net.captions_for_seeds([min(seeds), max(seeds)])
+    except (ValueError, OSError, dnnlib.DownloadError) as e:
+        raise CommandError(e) from None
+
+
+def guidance_note(settings, net):
+    """A snapshot distilled with classifier-free guidance settings on a network that has none (possible with an
+    EDM teacher): the images are sampled without guidance, and the run says so."""
+    if settings.get("guidance_type") == "cfg" and getattr(net, "guidance_type", None) != "cfg":
+        return (f"Note: the snapshot records classifier-free guidance (guidance_rate {settings.get('guidance_rate')}), "
+                f"which this network cannot apply; sampling without guidance")
+    return None
+
+
+def default_outdir(loaded, model_path, cfg, nfe):
+    """./samples/{what was sampled}/{solver}_step{N}_nfe{nfe}: the dataset's name when known, else the model file's
+    name (e.g. samples/fmnist-teacher/... for assets/fmnist-teacher.pkl)."""
+    name = loaded.dataset_name
+    if not name and model_path is not None:
+        name = os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0]
+    return os.path.join(DEFAULT_OUTDIR_ROOT, name or "model", f"{cfg.solver}_step{cfg.num_steps}_nfe{nfe}")
 
 
 def check_schedule(cfg, net):
@@ -161,6 +327,7 @@ def resolve_sampling(loaded, opts):
             schedule_rho=st["schedule_rho"], sigma_min=st["sigma_min"], sigma_max=st["sigma_max"],
             step_condition=step_condition, options={}, guidance_rate=st.get("guidance_rate"), denoise_to_zero=False)
     solver = opts.solver or "euler"
+    check_solver_options(solver, opts, default=opts.solver is None)
     options = {k: opts[k] for k in solvers.SOLVER_OPTIONS[solver] if k in SOLVER_OPTION_NAMES and opts[k] is not None}
     return dnnlib.EasyDict(
         solver=solver, num_steps=opts.num_steps or 18, afs=bool(opts.afs), schedule_type=opts.schedule_type or
@@ -207,8 +374,8 @@ def _optional_bool(name, text, default=None):
               type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--num_steps", help="Time points; only for SFD-v models and pre-trained sampling  [default: the "
               "snapshot's / 18]", metavar="INT", type=click.IntRange(min=2), default=None)
-@click.option("--outdir", help="Output folder  [default: ./samples/{dataset}/{solver}_step{N}_nfe{nfe}]",
-              metavar="DIR", type=str)
+@click.option("--outdir", help="Output folder  [default: ./samples/{dataset, else the model file's name}/"
+              "{solver}_step{N}_nfe{nfe}]", metavar="DIR", type=str)
 @_optional_bool("--grid", "Write one grid.png of all images instead of one PNG per seed  [default: False]", False)
 @_optional_bool("--subdirs", "One sub-folder per 1000 seeds  [default: True]", True)
 @click.option("--save/--no-save", "save_images", help="Write images (turn off with --fid_ref for FID only)",
@@ -240,12 +407,10 @@ def _optional_bool(name, text, default=None):
 @click.option("--device", help="Device  [default: cuda if available]", metavar="STR", type=str)
 def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     opts = dnnlib.EasyDict(opts)
-    device = dist.init(opts.device)
-    if opts.captions is not None:
-        if not os.path.isfile(opts.captions):
-            raise click.BadParameter(f"no such file: {opts.captions}", param_hint="--captions")
-        os.environ["SFD_COCO_CAPTIONS"] = os.path.abspath(opts.captions)  # read by models/latent/loading.py
-    from models import load_network
+    device = dist.init(cli.check_device(opts.device))
+    check_seeds(seeds)
+    check_command_line(grid, save_images, outdir, opts)
+    check_sampling_options(opts)
 
     model_path = opts.model_path
     if model_path is not None and re.fullmatch(r"\d+", model_path):
@@ -253,13 +418,13 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
     elif model_path is not None and os.path.isdir(model_path) and not os.path.isfile(
             os.path.join(model_path, "model_index.json")):  # a diffusers SD folder is a model, not an experiment
         model_path = latest_snapshot_in(model_path)
+    elif model_path is not None and not os.path.isdir(model_path):
+        cli.check_input_file(model_path, "--model_path")
     if model_path is None and opts.dataset_name is None:
         raise click.BadParameter("give --model_path or --dataset_name", param_hint="--model_path")
-    if model_path is not None and not os.path.exists(model_path):
-        raise click.BadParameter(f"no such file: {model_path}", param_hint="--model_path")
-    if not save_images and not opts.fid_ref:
-        raise click.BadParameter("--no-save without --fid_ref would produce nothing", param_hint="--save")
-    check_sampling_options(opts)
+    if opts.captions is not None:
+        os.environ["SFD_COCO_CAPTIONS"] = os.path.abspath(opts.captions)  # read by models/latent/loading.py
+    from models import load_network
 
     try:
         loaded = dist.rank0_first(lambda: load_network(dataset_name=opts.dataset_name, model_path=model_path,
@@ -270,21 +435,28 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         raise click.BadParameter(f"the model was built for {loaded.dataset_name!r}, not {opts.dataset_name!r}",
                                  param_hint="--dataset_name")
     net = loaded.net
-    mode = RunMode(opts.precision, device, [net])
-    prepare_module(net, channels_last=opts.channels_last)
-    net_fn = maybe_compile(net, opts.compile)
+    check_model_takes(net, opts)
     cfg = resolve_sampling(loaded, opts)
     check_schedule(cfg, net)
+    check_captions_cover(net, seeds, opts.prompt)
     if cfg.guidance_rate is not None and hasattr(net, "guidance_rate"):
         net.guidance_rate = cfg.guidance_rate
     nfe = solvers.nfe_of(cfg.solver, cfg.num_steps, cfg.afs, denoise_to_zero=cfg.denoise_to_zero, **cfg.options)
     if getattr(net, "guidance_type", None) == "cfg" and getattr(net, "guidance_rate", 1.0) != 1.0:
         nfe *= 2
-    name = loaded.dataset_name or "model"
     if outdir is None:
-        outdir = os.path.join("./samples", name, f"{cfg.solver}_step{cfg.num_steps}_nfe{nfe}")
-    dist.print0(f"Model: {model_path or name} | solver {cfg.solver}, num_steps {cfg.num_steps}, NFE {nfe}, "
-                f"afs {cfg.afs}, schedule {cfg.schedule_type}")
+        outdir = default_outdir(loaded, model_path, cfg, nfe)
+    if save_images:
+        cli.check_output_dir(outdir, "--outdir")
+    mode = RunMode(opts.precision, device, [net])
+    prepare_module(net, channels_last=opts.channels_last)
+    net_fn = maybe_compile(net, opts.compile)
+    dist.print0(f"Model: {model_path or loaded.dataset_name} | solver {cfg.solver}, num_steps {cfg.num_steps}, "
+                f"NFE {nfe}, afs {cfg.afs}, schedule {cfg.schedule_type}" + (f" | images to {outdir}" if save_images
+                                                                             else ""))
+    note = guidance_note(loaded.settings, net)
+    if note:
+        dist.print0(note)
 
     fid = None
     if opts.fid_ref:

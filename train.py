@@ -118,6 +118,18 @@ def check_options(opts, world_size):
                                  f"({batch_gpu})", param_hint="--batch")
     if opts.guidance_type == "cfg" and opts.guidance_rate <= 0:
         raise click.BadParameter("classifier-free guidance needs --guidance_rate > 0", param_hint="--guidance_rate")
+    if opts.guidance_rate != 0 and opts.guidance_type != "cfg":
+        raise click.BadParameter(f"{opts.guidance_rate:g} is a classifier-free guidance weight: it needs "
+                                 "--guidance_type=cfg (Stable Diffusion), or drop it", param_hint="--guidance_rate")
+    if opts.dataset_name and not opts.is_second_stage:
+        from models import BACKBONES, NETWORK_CLASSES
+        from training.training_loop import check_guidance
+
+        own = getattr(NETWORK_CLASSES[BACKBONES[opts.dataset_name].network_class], "guidance_type", None)
+        try:
+            check_guidance(own, opts.guidance_type, opts.dataset_name)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--guidance_type") from None
 
 
 def find_resume(resume, outdir):
@@ -206,12 +218,15 @@ def _bool(name, default, text):
 @click.option("--device", help="Device  [default: cuda if available, else cpu]", metavar="STR", type=str,
               default=None)
 @click.option("--resume", help="Continue an interrupted run: its experiment number or a training-state-*.pt dump "
-              "(the run's own training_options.json is used; other options are ignored)", metavar="N|PATH",
+              "(the run's own training_options.json is used; only --outdir, --device and --dry-run may be given "
+              "with it)", metavar="N|PATH",
               type=str, default=None)
 @click.option("-n", "--dry-run", "dry_run", help="Print the resolved options and exit without writing anything",
               is_flag=True)
 def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
+    cli.check_output_dir(opts.outdir, "--outdir")
+    cli.check_device(opts.device)
     if opts.resume is not None:
         run_dir, dump = find_resume(opts.resume, opts.outdir)
         options_path = os.path.join(run_dir, "training_options.json")
@@ -219,6 +234,17 @@ def main(**kwargs):
             raise click.BadParameter(f"{run_dir} has no training_options.json", param_hint="--resume")
         with open(options_path) as f:
             c = dnnlib.EasyDict(json.load(f))
+        device = cli.check_device(opts.device or c.get("device"), "--device (or the run's training_options.json)")
+        check_resume_options(click.get_current_context(), run_config(opts, device, c.get("world_size", 1)), c)
+        from training.state import dump_progress
+
+        try:
+            done_nimg = dump_progress(dump)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--resume") from None
+        if done_nimg >= c.total_kimg * 1000:
+            raise click.BadParameter(f"{run_dir} is finished ({done_nimg / 1000:g} of {c.total_kimg:g} kimg): "
+                                     "nothing to resume; its final snapshot is in that folder", param_hint="--resume")
         return run_training(c, run_dir, resume_state=dump, dry_run=opts.dry_run, device=opts.device)
     if opts.dataset_name is not None and opts.dataset_name not in _dataset_names():
         raise click.BadParameter(f"unknown dataset {opts.dataset_name!r}; choose one of {', '.join(_dataset_names())}",
@@ -226,8 +252,7 @@ def main(**kwargs):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_options(opts, world_size)
     if opts.captions is not None:
-        if not os.path.isfile(opts.captions):
-            raise click.BadParameter(f"no such file: {opts.captions}", param_hint="--captions")
+        cli.check_input_file(opts.captions, "--captions")
         os.environ["SFD_COCO_CAPTIONS"] = os.path.abspath(opts.captions)  # read by models/latent/loading.py
 
     device = dist.init(opts.device)
@@ -237,12 +262,14 @@ def main(**kwargs):
             torch.distributed.broadcast(seed, src=0)
         opts.seed = int(seed)
 
-    desc = run_name(opts)
-    precision = opts.precision
-    if device.type != "cuda":
-        precision = "fp32"  # mixed precision applies on CUDA only; the options file says what runs
+    c = run_config(opts, device, dist.get_world_size())
+    run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, run_name(opts))
+    return run_training(c, run_dir, dry_run=opts.dry_run, nosubdir=opts.nosubdir)
 
-    c = dnnlib.EasyDict(
+
+def run_config(opts, device, world_size):
+    """A run's training_options.json: what training_loop is given, and world_size, which only records the run."""
+    return dnnlib.EasyDict(
         dataset_name=opts.dataset_name, model_path=opts.model_path, is_second_stage=opts.is_second_stage,
         use_step_condition=opts.use_step_condition, num_steps=opts.num_steps, M=opts.M, afs=opts.afs,
         sampler_tea=opts.sampler_tea, max_order=opts.max_order, predict_x0=opts.predict_x0,
@@ -251,11 +278,37 @@ def main(**kwargs):
         schedule_rho=opts.schedule_rho, guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate,
         batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, lr=opts.lr, seed=opts.seed,
         kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, lpips=opts.lpips,
-        precision=precision, channels_last=opts.channels_last, compile=opts.compile,
-        teacher_batch=opts.teacher_batch, cudnn_benchmark=opts.bench, world_size=dist.get_world_size(), device=str(device),
+        # mixed precision applies on CUDA only; the options file says what runs
+        precision=opts.precision if device.type == "cuda" else "fp32", channels_last=opts.channels_last,
+        compile=opts.compile, teacher_batch=opts.teacher_batch, cudnn_benchmark=opts.bench, world_size=world_size,
+        device=str(device),
     )
-    run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, desc)
-    return run_training(c, run_dir, dry_run=opts.dry_run, nosubdir=opts.nosubdir)
+
+
+# train.py options named otherwise in training_options.json
+CONFIG_KEYS = dict(batch="batch_size", batch_gpu="batch_gpu", tick="kimg_per_tick", snap="snapshot_ticks",
+                   dump="state_dump_ticks", bench="cudnn_benchmark")
+# The options that --resume takes beside itself: where to find the run, where to run it, and the dry run.
+RESUME_OPTIONS = ("resume", "outdir", "device", "dry_run")
+
+
+def check_resume_options(ctx, given_config, run):
+    """A resumed run keeps its training_options.json: an option written on the command line beside --resume must
+    say what the run already has (the same command with --resume added resumes it), or it is refused."""
+    sources = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    conflicts = []
+    for param in ctx.command.params:
+        if param.name in RESUME_OPTIONS or ctx.get_parameter_source(param.name) not in sources:
+            continue
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        key = CONFIG_KEYS.get(param.name, param.name)
+        if key not in run:
+            conflicts.append(f"{flag} (a run does not keep it)")
+        elif given_config[key] != run[key]:
+            conflicts.append(f"{flag}={ctx.params[param.name]} (the run has {run[key]})")
+    if conflicts:
+        raise click.BadParameter(f"a resumed run keeps its training_options.json, so {', '.join(conflicts)} cannot "
+                                 "apply; drop it or start a new run", param_hint="--resume")
 
 
 # training_options.json keys that only record the run: world_size, and fp16 from runs before --precision.
@@ -267,10 +320,17 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
     if resume_state is not None:
         device = dist.init(device or c.get("device"))
         c.device = str(device)
-    dist.print0("Training options:")
-    dist.print0(json.dumps(c, indent=2))
-    dist.print0(f"Output directory: {run_dir}")
+
+    def print_options():
+        dist.print0("Training options:")
+        dist.print0(json.dumps(c, indent=2))
+        dist.print0(f"Output directory: {run_dir}")
+        if c.M == 0:
+            dist.print0("Note: --M=0: no teacher points between the student's; the teacher takes the student's own "
+                        f"{c.num_steps - 1} steps.")
+
     if dry_run:
+        print_options()
         dist.print0("Dry run; exiting.")
         dist.shutdown()
         return
@@ -279,12 +339,14 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
     from training.training_loop import training_loop
 
     def open_run_dir():
-        """Called by the loop once the network has loaded, so a failed load leaves no folder behind."""
+        """Called by the loop once the network has loaded, so a failed load leaves no folder behind and prints no
+        options for a run that never starts."""
         if dist.get_rank() != 0:
             return None
         os.makedirs(run_dir, exist_ok=nosubdir or resume_state is not None)
         dnnlib.util.write_atomic(os.path.join(run_dir, "training_options.json"), json.dumps(c, indent=2))
         dnnlib.util.tee_stdout(os.path.join(run_dir, "log.txt"))
+        print_options()
         return run_dir
 
     try:

@@ -103,19 +103,27 @@ def load_detector(spec=None, device="cpu", cache_root="./src", trust_embedded_co
     path = dnnlib.util.download_file(spec, cache_dir) if "://" in spec else spec
     if not os.path.isfile(path):
         raise ValueError(f"detector {spec}: no such file")
-    lower = path.lower()
-    if lower.endswith(TORCHSCRIPT_SUFFIXES):
+    if detector_format(path, spec) == "torchscript":
         net = load_torchscript(path, device)
-    elif lower.endswith(".pkl"):
-        net = load_nvidia_pickle(path, trust_embedded_code=trust_embedded_code)
     else:
-        raise ValueError(
-            f"detector {spec}: unknown format; expected a TorchScript file ({'/'.join(TORCHSCRIPT_SUFFIXES)}) "
-            f"or an NVIDIA .pkl"
-        )
+        net = load_nvidia_pickle(path, trust_embedded_code=trust_embedded_code)
     if isinstance(net, torch.nn.Module):
         net = net.eval().to(device)  # features are computed under no_grad; ScriptModules lack requires_grad_
     return net
+
+
+def detector_format(path, spec=None):
+    """'torchscript' or 'pickle', by the file name's suffix; ValueError for any other name. Reads nothing, so a
+    command can refuse a wrong --detector before it starts."""
+    lower = str(path).lower()
+    if lower.endswith(TORCHSCRIPT_SUFFIXES):
+        return "torchscript"
+    if lower.endswith(".pkl"):
+        return "pickle"
+    raise ValueError(
+        f"detector {spec or path}: unknown format; expected a TorchScript file ({'/'.join(TORCHSCRIPT_SUFFIXES)}) "
+        f"or an NVIDIA .pkl"
+    )
 
 
 def load_torchscript(path_or_bytes, device="cpu"):

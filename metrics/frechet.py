@@ -94,6 +94,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
             f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}; "
             f"were both computed with the same feature detector?"
         )
+    if np.array_equal(mu1, mu2) and np.array_equal(sigma1, sigma2):
+        return 0.0  # identical Gaussians: exactly 0, not the +-1e-7 that sqrtm's rounding leaves
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -103,27 +105,47 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         covmean = scipy.linalg.sqrtm((sigma1 + ridge) @ (sigma2 + ridge))
     # sqrtm may return a complex matrix whose imaginary part is rounding noise; EDM keeps the real part.
     trace_covmean = np.real(np.trace(covmean))
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+    value = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean)
+    # The distance is never negative; a negative value is float rounding of (nearly) equal statistics.
+    return max(value, 0.0)
 
 
 def load_ref(npz_or_url, cache_dir="./src/metrics"):
-    """(mu, sigma) from a reference .npz (local path, or URL downloaded once into cache_dir)."""
+    """(mu [D], sigma [D, D]) float64 from a reference .npz (local path, or URL downloaded once into cache_dir).
+
+    ValueError, in one line naming the file, for a missing, empty, truncated or foreign file, missing arrays, and
+    arrays of the wrong shapes or with non-finite values; a URL that cannot be fetched raises DownloadError."""
     is_url = "://" in str(npz_or_url)
     if not is_url and not os.path.isfile(npz_or_url):
         raise ValueError(f"reference statistics {npz_or_url}: no such file")
     with dnnlib.util.open_url(str(npz_or_url), cache_dir=cache_dir) as f:
         try:
-            data = np.load(f)
+            data = np.load(f)  # allow_pickle=False: a pickle or object array is refused, never run
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
             keys = set(data.files)
             ref = {k: data[k] for k in ("mu", "sigma") if k in keys}
-        except (ValueError, OSError, AttributeError) as e:
-            raise ValueError(f"reference statistics {npz_or_url} is not a readable .npz file ({e})") from None
+        except Exception as e:  # empty (EOFError), truncated (BadZipFile, zlib.error), foreign (ValueError, ...)
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}" if str(e).strip() else type(e).__name__
+            raise ValueError(f"reference statistics {npz_or_url} is not a readable .npz file ({reason}); "
+                             f"make one with 'python fid.py ref'") from None
     if set(ref) != {"mu", "sigma"}:
         raise ValueError(
             f"reference statistics {npz_or_url} must hold arrays 'mu' and 'sigma', found {sorted(keys)}; "
             f"make one with 'python fid.py ref'"
         )
-    return ref["mu"].astype(np.float64), ref["sigma"].astype(np.float64)
+    mu, sigma = ref["mu"], ref["sigma"]
+    if mu.ndim != 1 or mu.shape[0] < 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"reference statistics {npz_or_url}: mu {list(mu.shape)} and sigma {list(sigma.shape)} "
+                         f"are not the shapes [D] and [D, D] of one feature size D")
+    try:
+        mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"reference statistics {npz_or_url}: mu and sigma must be numbers, found "
+                         f"{ref['mu'].dtype} and {ref['sigma'].dtype}") from None
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"reference statistics {npz_or_url}: mu or sigma holds NaN or infinite values")
+    return mu, sigma
 
 
 def save_ref(path, mu, sigma):

@@ -70,8 +70,8 @@ def _discrete(frac, sigma_min, sigma_max, rho, net, device):
         model = getattr(model, "module", None)  # a DistributedDataParallel wrapper
     if model is None or not _has_discrete_time(model):
         raise ValueError(
-            "schedule_type='discrete' needs a net with sigma(t) and sigma_inv(sigma) methods (LDM / Stable "
-            "Diffusion backbones); pass net=..., or use 'polynomial', 'logsnr' or 'time_uniform'"
+            "schedule_type='discrete' needs a net on discrete time steps (the LDM and Stable Diffusion backbones); "
+            "this one has none: use schedule type 'polynomial', 'logsnr' or 'time_uniform'"
         )
     # float64 throughout: t_min ** (1 / rho) and sigma(t) near t = 0 cancel digits (at rho = 1 float32 moves the
     # LDM end point 0.006 by 2e-4 relative).

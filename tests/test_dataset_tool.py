@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
+from test_fid import assert_one_line_refusal  # tests/ is on sys.path under pytest
 from training.dataset import DatasetError, load_image_dataset
 
 
@@ -162,3 +163,88 @@ def test_read_idx_shapes(tmp_path):
     (tmp_path / "b.idx").write_bytes(idx_bytes(array) + b"\x00")
     with pytest.raises(dataset_tool.IdxError, match="longer than its header says"):
         dataset_tool.read_idx(str(tmp_path / "b.idx"))
+
+
+# ----------------------------------------------------------------------------
+# Bad options are refused before anything is read or written
+
+
+@pytest.fixture
+def places(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default download cache ./src/fmnist lies here
+    monkeypatch.setattr(dataset_tool, "FMNIST_DEBIAN_DIR", str(tmp_path / "no-debian-package"))
+    make_source(tmp_path / "idx")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.png").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blocker").write_text("a file where a folder is needed\n")
+    (tmp_path / "dir.zip").mkdir()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    for name in ("load_fmnist", "read_idx", "fetch_fmnist", "write_dataset"):
+        monkeypatch.setattr(dataset_tool, name, forbidden)
+    return tmp_path
+
+
+def tree(folder):
+    return sorted(os.path.relpath(os.path.join(r, n), folder) for r, ds, fs in os.walk(folder) for n in ds + fs)
+
+
+@pytest.mark.parametrize("args, words", [
+    # bad paths
+    (["--dest", "full"], ["--dest", "is not empty"]),
+    (["--dest", "dir.zip"], ["--dest", "is a folder; give a file name"]),
+    (["--dest", "blocker"], ["--dest", "is a file"]),
+    (["--dest", "blocker/fm.zip"], ["--dest", "is a file"]),
+    (["--dest", "blocker/fm"], ["--dest", "is a file"]),
+    (["--source", "missing"], ["--source", "no such folder"]),
+    (["--source", "blocker"], ["--source", "is a file"]),
+    (["--source", "empty"], ["--source", "missing train-images-idx3-ubyte.gz"]),
+    (["--source", "empty", "--split", "test"], ["--source", "missing t10k-images-idx3-ubyte.gz"]),
+    # bad ranges and choices
+    (["--max-images", "0"], ["--max-images", "not in the range"]),
+    (["--max-images", "-5"], ["--max-images", "not in the range"]),
+    (["--split", "validation"], ["--split", "validation"]),
+    # contradictory options: writing into the folder the idx files come from
+    (["--dest", "idx"], ["--dest", "is not empty"]),
+])
+def test_fmnist_refuses_bad_options_before_any_work(places, args, words):
+    before = tree(places)
+    r = CliRunner().invoke(dataset_tool.main, ["fmnist", "--source", "idx", "--dest", "out/fm.zip", *args])
+    assert_one_line_refusal(r, *words)
+    assert tree(places) == before
+
+
+def test_default_source_needs_a_writable_download_cache(places):
+    (places / "src").write_text("a file where the cache folder should be\n")
+    before = tree(places)
+    r = CliRunner().invoke(dataset_tool.main, ["fmnist", "--dest", "out/fm.zip"])
+    assert_one_line_refusal(r, "--source", "not given", "give --source=DIR")
+    assert tree(places) == before
+
+
+def test_offline_download_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SFD_OFFLINE", "1")
+    monkeypatch.setattr(dataset_tool, "FMNIST_DEBIAN_DIR", str(tmp_path / "no-debian-package"))
+    r = CliRunner().invoke(dataset_tool.main, ["fmnist", "--dest", "out/fm.zip"])
+    assert_one_line_refusal(r, "cannot get 'train-images-idx3-ubyte.gz'", "SFD_OFFLINE=1")
+    assert os.listdir(tmp_path) == []
+
+
+def test_real_script_refuses_in_one_line_with_exit_code_2(tmp_path):
+    """The script as a user runs it (through torch_utils.cli.run)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    p = subprocess.run([sys.executable, os.path.join(root, "dataset_tool.py"), "fmnist", "--dest", "full",
+                        "--source", "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "", p.stdout + p.stderr
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1] == "Error: Invalid value for --dest: folder full is not empty; give an empty or new folder, or a .zip"
+    assert all(line.startswith(("Usage: ", "Try '")) for line in lines[:-1]), p.stderr

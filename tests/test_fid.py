@@ -156,9 +156,45 @@ def test_feature_stats_equal_numpy_mean_and_unbiased_cov():
         one.mean_cov()
 
 
+def test_frechet_distance_is_exactly_0_for_identical_statistics_and_never_negative():
+    for seed in range(6):
+        x = np.random.RandomState(seed).randn(50, 16)
+        mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+        # Through sqrtm these leave -4.6e-14 (seed 0) or +7.1e-15 (seed 3) of rounding.
+        assert frechet.frechet_distance(mu, sigma, mu.copy(), sigma.copy()) == 0.0
+        assert f"{frechet.frechet_distance(mu, sigma, mu, sigma):.6g}" == "0"
+        # The same features summed in the other order: statistics equal up to rounding, which leaves a tiny
+        # negative value here (seeds 0, 1, 4, 5); the distance is clamped at 0.
+        other = np.cov(x[::-1], rowvar=False)
+        assert not np.array_equal(other, sigma)
+        assert 0.0 <= frechet.frechet_distance(mu, sigma, mu, other) < 1e-9
+
+
 def test_frechet_distance_rejects_mismatched_sizes():
     with pytest.raises(ValueError, match="same feature detector"):
         frechet.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_load_ref_refuses_broken_files_in_one_line(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, mu=np.zeros(3), sigma=np.eye(3))
+    (tmp_path / "empty.npz").write_bytes(b"")
+    (tmp_path / "truncated.npz").write_bytes(good.read_bytes()[:200])
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    np.savez(tmp_path / "shapes.npz", mu=np.zeros(3), sigma=np.eye(4))
+    np.savez(tmp_path / "matrix_mu.npz", mu=np.zeros([3, 3]), sigma=np.eye(3))
+    np.savez(tmp_path / "nan.npz", mu=np.full(3, np.nan), sigma=np.eye(3))
+    np.savez(tmp_path / "text.npz", mu=np.array(["a"]), sigma=np.array([["b"]]))
+    for name, words in [("empty.npz", "not a readable .npz file (EOFError"),
+                        ("truncated.npz", "not a readable .npz file (BadZipFile"),
+                        ("array.npy", "not an .npz archive"),
+                        ("shapes.npz", "mu [3] and sigma [4, 4] are not the shapes"),
+                        ("matrix_mu.npz", "mu [3, 3] and sigma [3, 3] are not the shapes"),
+                        ("nan.npz", "NaN"),
+                        ("text.npz", "must be numbers")]:
+        with pytest.raises(ValueError) as e:
+            frechet.load_ref(str(tmp_path / name))
+        assert words in str(e.value) and len(str(e.value).splitlines()) == 1, (name, str(e.value))
 
 
 def test_save_ref_is_atomic_and_load_ref_checks_keys(tmp_path):
@@ -386,7 +422,7 @@ def test_cli_ref_then_calc(setup, tmp_path):
 
     r = run_cli(["calc", "--images", setup.folder_a, "--ref", ref] + common)
     assert r.exit_code == 0, r.output
-    assert abs(parse_fid(r.output)) < 1e-6
+    assert "FID: 0\n" in r.output  # the same images in the same batches: identical statistics, exactly 0
 
     # A zip read by a DataLoader worker process (the zip is reopened in the worker).
     r = run_cli(["calc", "--images", setup.zip_a, "--ref", ref, "--batch", "7", "--workers", "1"] + common[:2])
@@ -491,3 +527,204 @@ def test_offline_ref_download_exits_2_with_one_line(setup, tmp_path, monkeypatch
                  setup.det, "--workers", "0", "--cache", str(tmp_path / "cache")])
     assert r.exit_code == 2, r.output
     assert r.output.strip().splitlines()[-1].startswith("Error: cannot get 'ref.npz'"), r.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad options are refused before any work: one line, exit code 2, nothing written
+
+
+def assert_one_line_refusal(result, *words):
+    """Exit code 2, no traceback, and a single error line holding `words`; before it, at most click's usage hint
+    ('Usage: ...', 'Try ... --help ...') that click prints with a usage error."""
+    out = result.output
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out and "Aborted" not in out, out
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), out
+    assert all(line.startswith(("Usage: ", "Try '")) for line in lines[:-1]), out
+    assert all(w in lines[-1] for w in words), (words, out)
+
+
+def tree(folder):
+    """Every file and folder under `folder`, with file sizes."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        found.update(os.path.relpath(os.path.join(root, d), folder) + "/" for d in dirs)
+        found.update((os.path.relpath(os.path.join(root, f), folder), os.path.getsize(os.path.join(root, f)))
+                     for f in files)
+    return found
+
+
+@pytest.fixture
+def bad_inputs(tmp_path, monkeypatch):
+    """Inputs for the refusal tables, built in tmp_path (also the working folder, so ./src lies there too)."""
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "in"
+    imgs = write_pngs(d / "imgs", random_images(4, seed=0))
+    zip_path = str(d / "imgs.zip")
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for name in sorted(os.listdir(imgs)):
+            z.write(os.path.join(imgs, name), arcname=name)
+    good = d / "ref.npz"
+    np.savez(good, mu=np.zeros(9), sigma=np.eye(9))  # TinyDetector gives 6 + 3 features
+    (d / "empty.npz").write_bytes(b"")
+    (d / "truncated.npz").write_bytes(good.read_bytes()[:100])
+    np.savez(d / "nokeys.npz", mean=np.zeros(9))
+    np.savez(d / "shapes.npz", mu=np.zeros(9), sigma=np.eye(8))
+    (d / "notes.txt").write_text("not an image, not a network\n")
+    (d / "blocker").write_text("a file where a folder is needed\n")
+    (d / "folder").mkdir()
+    det = str(d / "tiny.pt")
+    save_detector(det)
+    paths = dict(imgs=imgs, zip=zip_path, ref=str(good), det=det, missing=str(d / "missing"), dir=str(d / "folder"),
+                 blocker=str(d / "blocker"), txt=str(d / "notes.txt"), out=str(tmp_path / "out"),
+                 **{k: str(d / f"{k}.npz") for k in ("empty", "truncated", "nokeys", "shapes")})
+    return tmp_path, paths
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a detector loads, a download starts, an image is decoded or features are computed."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(fid, "load_detector_rank0_first", forbidden)
+    monkeypatch.setattr(fid, "compute_features", forbidden)
+    monkeypatch.setattr(fid, "iterate_features", forbidden)
+    monkeypatch.setattr(image_io.ImageFiles, "read", forbidden)
+    monkeypatch.setattr(dnnlib.util, "download_file", forbidden)
+    monkeypatch.setattr(fid.dist, "init", forbidden)
+    return forbidden
+
+
+def refused(command, base, args, paths, root):
+    """Run `command` with base + args (a later option overrides an earlier one), return its result after checking
+    that nothing under root changed."""
+    before = tree(root)
+    result = CliRunner().invoke(command, [a.format(**paths) for a in base + list(args)])
+    assert tree(root) == before, result.output
+    return result
+
+
+URL_DETECTOR = "https://example.org/nets/detector.pt"
+URL_REF = "https://example.org/stats/ref.npz"
+CALC = ["calc", "--images", "{imgs}", "--ref", "{ref}", "--detector", "{det}", "--workers", "0", "--device", "cpu"]
+REF = ["ref", "--data", "{imgs}", "--dest", "{out}/ref.npz", "--detector", "{det}", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("args, words", [
+    # bad paths
+    (["--images", "{missing}"], ["--images", "no such folder"]),
+    (["--images", "{txt}"], ["--images", "neither a folder nor a zip"]),
+    (["--images", "{dir}"], ["--images", "no PNG/JPG images"]),
+    (["--ref", "{missing}"], ["--ref", "no such file"]),
+    (["--ref", "{dir}"], ["--ref", "is a folder"]),
+    (["--ref", "{empty}"], ["--ref", "not a readable .npz file"]),
+    (["--ref", "{truncated}"], ["--ref", "not a readable .npz file"]),
+    (["--ref", "{nokeys}"], ["--ref", "'mu' and 'sigma'"]),
+    (["--ref", "{shapes}"], ["--ref", "are not the shapes [D] and [D, D]"]),
+    (["--detector", "{missing}"], ["--detector", "no such file"]),
+    (["--detector", "{dir}"], ["--detector", "is a folder"]),
+    (["--detector", "{txt}"], ["--detector", "unknown format"]),
+    (["--results", "{dir}"], ["--results", "is a folder"]),
+    (["--results", "{blocker}/fid.tsv"], ["--results", "is a file"]),
+    (["--detector", URL_DETECTOR, "--cache", "{blocker}"], ["--cache", "is a file"]),
+    (["--ref", URL_REF, "--cache", "{blocker}"], ["--cache", "is a file"]),
+    # bad devices
+    (["--device", "tpu"], ["--device", "not a device"]),
+    (["--device", "cuda:99"], ["--device", "cuda:99"]),
+    # bad ranges
+    (["--num", "0"], ["--num", "not in the range"]),
+    (["--num", "-3"], ["--num", "not in the range"]),
+    (["--num", "5"], ["--num", "holds only 4 images"]),
+    (["--batch", "0"], ["--batch", "not in the range"]),
+    (["--workers", "-1"], ["--workers", "not in the range"]),
+    # contradictory options
+    (["--label", "run1"], ["--label", "add --results"]),
+    (["--results", "{ref}"], ["--results", "also the --ref file"]),
+    (["--images", "{zip}", "--results", "{zip}"], ["--results", "also the --images zip"]),
+])
+def test_calc_refuses_bad_options_before_any_work(bad_inputs, no_work, args, words):
+    root, paths = bad_inputs
+    assert_one_line_refusal(refused(fid.main, CALC, args, paths, root), *words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--dest", "{dir}"], ["--dest", "is a folder"]),
+    (["--dest", "{blocker}/ref.npz"], ["--dest", "is a file"]),
+    (["--data", "{missing}"], ["--data", "no such folder"]),
+    (["--data", "{txt}"], ["--data", "neither a folder nor a zip"]),
+    (["--detector", "{missing}"], ["--detector", "no such file"]),
+    (["--detector", "{txt}"], ["--detector", "unknown format"]),
+    (["--detector", URL_DETECTOR, "--cache", "{blocker}"], ["--cache", "is a file"]),
+    (["--device", "tpu"], ["--device", "not a device"]),
+    (["--device", "cuda:99"], ["--device", "cuda:99"]),
+    (["--batch", "0"], ["--batch", "not in the range"]),
+    (["--workers", "-2"], ["--workers", "not in the range"]),
+    (["--data", "{zip}", "--dest", "{zip}"], ["--dest", "also the --data zip"]),
+])
+def test_ref_refuses_bad_options_before_any_work(bad_inputs, no_work, args, words):
+    root, paths = bad_inputs
+    assert_one_line_refusal(refused(fid.main, REF, args, paths, root), *words)
+
+
+def test_ref_of_another_detector_is_refused_before_the_features(bad_inputs, monkeypatch):
+    root, paths = bad_inputs
+    np.savez(os.path.join(paths["dir"], "ref5.npz"), mu=np.zeros(5), sigma=np.eye(5))
+    batches = []
+    real = fid.iterate_features
+    monkeypatch.setattr(fid, "iterate_features", lambda *a, **k: batches.append(1) or real(*a, **k))
+    r = refused(fid.main, CALC, ["--ref", "{dir}/ref5.npz"], paths, root)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: Invalid value for --ref:") and "5 features but the detector gives 9" in last
+    assert not batches  # found from one image, before the features of all images
+
+
+def test_device_and_workers_reach_the_computation(bad_inputs, monkeypatch):
+    root, paths = bad_inputs
+    seen = {}
+    real_init, real_iterate = fid.dist.init, fid.iterate_features
+
+    def init(device=None):
+        seen["init"] = device
+        return real_init(device)
+
+    def iterate(*args, **kwargs):
+        seen["workers"], seen["device"] = kwargs["num_workers"], kwargs["device"]
+        return real_iterate(*args, **dict(kwargs, num_workers=0))
+
+    monkeypatch.setattr(fid.dist, "init", init)
+    monkeypatch.setattr(fid, "iterate_features", iterate)
+    monkeypatch.setattr(fid, "default_workers", lambda: 0)
+    base = [a.format(**paths) for a in CALC if a not in ("--workers", "0", "--device", "cpu")]
+    results = os.path.join(paths["out"], "new", "fid.tsv")  # its folder is made when the line is written
+    r = CliRunner().invoke(fid.main, base + ["--results", results])
+    assert r.exit_code == 0, r.output
+    assert open(results).read().startswith(paths["imgs"] + "\t")
+    assert seen == dict(init=torch.device("cpu"), workers=0, device=torch.device("cpu"))  # no CUDA here: cpu
+    r = CliRunner().invoke(fid.main, base + ["--workers", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert seen["workers"] == 2  # an explicit --workers is kept as given
+
+
+@pytest.mark.parametrize("cores, workers", [(1, 0), (2, 1), (3, 2), (4, 3), (64, 3)])
+def test_default_workers_leave_a_core_free(monkeypatch, cores, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert fid.default_workers() == workers
+
+
+def test_device_index_outside_torchrun_is_kept_as_given(monkeypatch):
+    """dist.init: a plain process keeps --device=cuda:1 as given; under torchrun each rank takes cuda:LOCAL_RANK."""
+    from torch_utils import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init("cuda:1") == torch.device("cuda", 1) and chosen == [1]
+    assert distributed.init("cuda") == torch.device("cuda", 0)
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no process group is made here
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.init("cuda:1") == torch.device("cuda", 0)

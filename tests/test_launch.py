@@ -1,7 +1,10 @@
-"""launch.sh: unknown recipes are refused, and the process count follows the machine."""
+"""launch.sh: unknown recipes and bad settings are refused in one line with exit code 2 before anything starts, and
+the process count follows the machine (one process as plain python, several under torchrun)."""
 
 import os
 import subprocess
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -26,9 +29,37 @@ def test_process_count_defaults_to_the_visible_gpus_or_one():
     expected = max(torch.cuda.device_count(), 1)
     default = launch("sfd", DRY="1")
     assert default.returncode == 0, default.stderr
-    assert default.stdout.startswith(f"torchrun --standalone --nproc_per_node={expected} train.py"), default.stdout
+    start = "python train.py" if expected == 1 else f"torchrun --standalone --nproc_per_node={expected} train.py"
+    assert default.stdout.startswith(start), default.stdout
     assert "--total_kimg=200 --batch=128 --lr=5e-5" in default.stdout
-    assert launch("sfd", DRY="1", GPUS="3").stdout.startswith("torchrun --standalone --nproc_per_node=3 ")
+    assert launch("sfd", DRY="1", GPUS="3").stdout.startswith("torchrun --standalone --nproc_per_node=3 train.py ")
+    assert launch("sfd", DRY="1", GPUS="1").stdout.startswith("python train.py ")
+
+
+@pytest.mark.parametrize("recipe, env, message", [
+    ("sfd", dict(GPUS="abc"), "launch.sh sfd: GPUS=abc is not a positive number of processes"),
+    ("sfd", dict(GPUS="0"), "launch.sh sfd: GPUS=0 is not a positive number of processes"),
+    ("sample_v", dict(NUM_STEPS="four"), "launch.sh sample_v: NUM_STEPS=four is not a whole number"),
+    ("sample", dict(EXP="no/such/run"), "launch.sh sample: EXP=no/such/run is neither an experiment number nor a path"),
+    ("stage2", {}, "launch.sh stage2: set MODEL=path/to/the/first-stage/network-snapshot-*.safetensors"),
+    ("fid", {}, "launch.sh fid: set IMAGES="),
+    ("prdc", dict(IMAGES="a"), "launch.sh prdc: set IMAGES_REF="),
+    ("ldm", {}, "launch.sh ldm: set DATASET=lsun_bedroom_ldm or DATASET=ffhq_ldm"),
+])
+def test_bad_settings_are_one_line_with_exit_code_2(tmp_path, recipe, env, message):
+    result = launch(recipe, DRY="1", **env)
+    assert result.returncode == 2 and result.stderr.strip().startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+def test_several_processes_check_train_options_before_torchrun_and_keep_exit_code_2(tmp_path):
+    """GPUS=2: train.py's options are checked for two ranks (its --dry-run) before torchrun starts; a bad input
+    found inside torchrun (sample.py: no such experiment) still ends with our exit code 2, not torchrun's 1."""
+    bad = launch("stage2", GPUS="2", MODEL=str(tmp_path / "missing.safetensors"))
+    assert bad.returncode == 2 and "no such file" in bad.stderr and "torchrun" not in bad.stderr + bad.stdout
+    assert "ChildFailedError" not in bad.stderr
+    inside = launch("sample", GPUS="2", EXP="7")
+    assert inside.returncode == 2 and "no experiment folder" in inside.stderr, inside.stderr[-2000:]
 
 
 def test_every_recipe_in_the_help_runs_and_the_help_ends_where_the_header_ends():

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 import prdc  # the CLI in the repository root
 from metrics.prdc import compute_prdc, knn_sq_radii
-from test_fid import random_images, save_detector, write_pngs  # tests/ is on sys.path under pytest
+from test_fid import (URL_DETECTOR, assert_one_line_refusal, bad_inputs, random_images, refused,  # noqa: F401
+                      save_detector, write_pngs)  # tests/ is on sys.path under pytest
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
 
@@ -130,3 +131,59 @@ def test_offline_detector_download_exits_2_with_one_line(tmp_path, monkeypatch):
                                        "--cache", str(tmp_path / "cache")])
     assert r.exit_code == 2, r.output
     assert "inception-2015-12-05.pkl" in r.output and len(r.output.strip().splitlines()) <= 2, r.output
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a detector loads, a download starts, an image is decoded or features are computed."""
+    import dnnlib
+    import fid
+    from metrics import images as image_io
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(fid, "load_detector_rank0_first", forbidden)
+    monkeypatch.setattr(prdc, "iterate_features", forbidden)
+    monkeypatch.setattr(image_io.ImageFiles, "read", forbidden)
+    monkeypatch.setattr(dnnlib.util, "download_file", forbidden)
+    monkeypatch.setattr(prdc.dist, "init", forbidden)
+
+
+CALC = ["calc", "--images", "{imgs}", "--images_ref", "{imgs}", "--detector", "{det}", "--workers", "0",
+        "--device", "cpu", "--nearest_k", "2"]
+
+
+@pytest.mark.parametrize("args, words", [
+    # bad paths
+    (["--images", "{missing}"], ["--images", "no such folder"]),
+    (["--images", "{txt}"], ["--images", "neither a folder nor a zip"]),
+    (["--images_ref", "{missing}"], ["--images_ref", "no such folder"]),
+    (["--images_ref", "{dir}"], ["--images_ref", "no PNG/JPG images"]),
+    (["--detector", "{missing}"], ["--detector", "no such file"]),
+    (["--detector", "{dir}"], ["--detector", "is a folder"]),
+    (["--detector", "{txt}"], ["--detector", "unknown format"]),
+    (["--detector", URL_DETECTOR, "--cache", "{blocker}"], ["--cache", "is a file"]),
+    # bad devices
+    (["--device", "tpu"], ["--device", "not a device"]),
+    (["--device", "cuda:99"], ["--device", "cuda:99"]),
+    # bad ranges
+    (["--nearest_k", "0"], ["--nearest_k", "not in the range"]),
+    (["--nearest_k", "4"], ["--images", "4 images are too few for --nearest_k=4"]),  # k >= the 4 images
+    (["--num", "1"], ["--num", "not in the range"]),
+    (["--batch", "0"], ["--batch", "not in the range"]),
+    (["--workers", "-1"], ["--workers", "not in the range"]),
+    # contradictory options
+    (["--nearest_k", "5", "--num", "5"], ["--nearest_k", "--num=5 keeps at most 5"]),
+])
+def test_calc_refuses_bad_options_before_any_work(bad_inputs, no_work, args, words):
+    root, paths = bad_inputs
+    assert_one_line_refusal(refused(prdc.main, CALC, args, paths, root), *words)
+
+
+def test_help_names_device_and_workers_default():
+    r = CliRunner().invoke(prdc.main, ["calc", "--help"])
+    assert r.exit_code == 0
+    flat = " ".join(r.output.split())
+    assert "--device" in flat and "cuda if this machine has it, else cpu" in flat
+    assert "min(3, CPU cores available - 1)" in flat

@@ -289,7 +289,7 @@ def test_distilled_snapshot_rejects_solver_and_num_steps(snapshot, tmp_path):
     assert not glob.glob(str(tmp_path / "**" / "*.png"), recursive=True)
 
 
-def test_in_process_fid_equals_png_route(snapshot, tmp_path):
+def test_in_process_fid_equals_png_route(snapshot, tmp_path, monkeypatch):
     from tests.test_fid import save_detector
     import fid
 
@@ -311,9 +311,10 @@ def test_in_process_fid_equals_png_route(snapshot, tmp_path):
     png_route = float(r2.output.split("FID:")[1].split()[0])
     assert in_process > 0
     assert in_process == pytest.approx(png_route, rel=1e-5)
-    r3 = run_sample("--model_path", snap, "--seeds", "0-19", "--no-save", "--fid_ref", ref, "--detector", det,
-                    "--outdir", str(tmp_path / "nosave"))
-    assert r3.exit_code == 0 and not os.path.exists(tmp_path / "nosave")
+    monkeypatch.chdir(tmp_path / "gen")
+    before = sorted(os.listdir("."))
+    r3 = run_sample("--model_path", snap, "--seeds", "0-19", "--no-save", "--fid_ref", ref, "--detector", det)
+    assert r3.exit_code == 0 and sorted(os.listdir(".")) == before, r3.output  # no ./samples either
     assert float(r3.output.split("FID:")[1].split()[0]) == pytest.approx(in_process, rel=1e-6)
 
 
@@ -377,3 +378,185 @@ def test_distilled_snapshot_refuses_every_solver_option(snapshot, tmp_path, opti
     snap = str(snapshot[1] / "network-snapshot-000005.safetensors")
     r = run_sample("--model_path", snap, option, value, "--outdir", str(tmp_path))
     assert r.exit_code == 2 and f"drop {option}" in r.output, r.output
+
+
+# --- Bad input is one line and exit code 2, before any work and with nothing written -------------------------------
+# Every case runs in a fresh folder laid out by `refusal_workspace` (relative paths below point into it), on the tiny
+# teacher pickle unless the case gives its own --model_path. `pre-load` cases must be refused before the network is
+# loaded, `post-load` ones (which need to know the model) after loading but before anything is sampled.
+
+def refusal_workspace(root):
+    """afile (a file), adir (a folder), ref.npz and det.pt (files), and runs where the quickstart puts them:
+    exps/quickstart/00000-* .. 00002-* (none directly in ./exps)."""
+    (root / "afile").write_text("not a folder")
+    (root / "adir").mkdir()
+    (root / "ref.npz").write_bytes(b"")
+    (root / "det.pt").write_bytes(b"")
+    for k in range(3):
+        (root / "exps" / "quickstart" / f"{k:05d}-fmnist-4-2-dpmpp-3-poly7.0-afs").mkdir(parents=True)
+
+
+def tree(root):
+    return sorted(os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+def one_error_line(output):
+    """The single 'Error: ...' line of a refusal; everything else may only be click's usage header."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], output
+    assert all(line.startswith(("Usage:", "Try ")) for line in lines[:-1]), output
+    return errors[0]
+
+
+def assert_refused(r, fragment, option, before, root):
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output and "Aborted" not in r.output, r.output
+    line = one_error_line(r.output)
+    assert fragment in line, line
+    assert option is None or option in line, line
+    assert tree(root) == before  # nothing written: no outdir, no ./samples, no stray files
+
+
+@pytest.fixture
+def refusal_run(tiny_teacher_pkl, tmp_path, monkeypatch):
+    """run(args, loads): invokes sample.py in a fresh workspace; fails the test if the network is loaded when
+    `loads` is False, or if any image is generated."""
+    import models
+
+    root = tmp_path / "work"
+    root.mkdir()
+    refusal_workspace(root)
+    monkeypatch.chdir(root)
+    loads, generated = [], []
+    real_load = models.load_network
+
+    def loader(*a, **k):
+        loads.append(k)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(models, "load_network", loader)
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: generated.append(1) or pytest.fail("sampling started"))
+
+    def run(args, fragment, option, may_load):
+        before = tree(root)
+        r = run_sample("--model_path", tiny_teacher_pkl[0], "--seeds", "0-1", *args)
+        assert_refused(r, fragment, option, before, root)
+        assert not generated
+        assert may_load or not loads, "the network was loaded before the refusal"
+        return r
+
+    return run
+
+
+REFUSED_BEFORE_LOADING = [
+    # bad paths
+    (["--outdir", "afile"], "afile is a file, not a folder", "--outdir"),
+    (["--outdir", "afile/run"], "is a file, so afile/run cannot be made", "--outdir"),
+    (["--model_path", "missing.pkl"], "no such file: missing.pkl", "--model_path"),
+    (["--model_path", "adir"], "adir holds no network snapshot yet", "--model_path"),
+    (["--fid_ref", "missing.npz", "--no-save"], "no such file: missing.npz", "--fid_ref"),
+    (["--fid_ref", "adir", "--no-save"], "adir is a folder", "--fid_ref"),
+    (["--captions", "missing.csv"], "no such file: missing.csv", "--captions"),
+    (["--captions", "adir"], "adir is a folder", "--captions"),
+    (["--fid_ref", "ref.npz", "--no-save", "--detector", "missing.pt"], "no such file: missing.pt", "--detector"),
+    (["--fid_ref", "ref.npz", "--no-save", "--detector", "afile"], "unknown format", "--detector"),
+    (["--model_path", "0", "--exps_dir", "afile"], "afile is a file, not a folder of experiments", "--exps_dir"),
+    (["--model_path", "0", "--exps_dir", "nowhere"], "nowhere does not exist: add --exps_dir=DIR", "--model_path"),
+    (["--model_path", "0"], "exps/quickstart holds runs 00000..00002: add --exps_dir=exps/quickstart",
+     "--model_path"),
+    (["--model_path", "7", "--exps_dir", "exps/quickstart"], "exps/quickstart holds runs 00000..00002",
+     "--model_path"),
+    # bad devices
+    (["--device", "cuda:99"], "cuda:99", "--device"),
+    (["--device", "gpu0"], "'gpu0' is not a device", "--device"),
+    (["--device", "meta"], "only cpu and cuda devices are supported", "--device"),
+    # bad ranges
+    (["--seeds", "0,0,1"], "lists 0 twice; each seed is one image", "--seeds"),
+    (["--seeds", "0-3,2-5,3"], "lists 2 twice, 3 3 times", "--seeds"),
+    (["--seeds", "4294967296"], "4294967296 is too large", "--seeds"),
+    (["--batch", "0"], "0 is not in the range x>=1", "--batch"),
+    (["--num_steps", "1"], "1 is not in the range x>=2", "--num_steps"),
+    # contradictions
+    (["--no-save"], "--no-save without --fid_ref would produce nothing", "--save"),
+    (["--fid_ref", "ref.npz", "--no-save", "--grid"], "--no-save writes no images; drop --grid", "--grid"),
+    (["--fid_ref", "ref.npz", "--no-save", "--subdirs", "False"], "drop --subdirs", "--subdirs"),
+    (["--fid_ref", "ref.npz", "--no-save", "--outdir", "out"], "drop --outdir", "--outdir"),
+    (["--grid", "--subdirs", "True"], "--grid writes one grid.png", "--subdirs"),
+    (["--detector", "det.pt"], "the detector is used only for --fid_ref", "--detector"),
+    (["--prompt", "a cat", "--captions", "afile"], "drop one of them", "--captions"),
+    (["--solver", "heun", "--max_order", "2"], "--solver=heun has no max_order", "--max_order"),
+    (["--solver", "ipndm", "--thresholding", "False"], "--solver=ipndm has no thresholding; it applies to "
+     "--solver=dpmpp", "--thresholding"),
+    (["--schedule_type", "logsnr", "--schedule_rho", "3"], "the logsnr schedule has no exponent", "--schedule_rho"),
+]
+
+
+@pytest.mark.parametrize("args, fragment, option", REFUSED_BEFORE_LOADING,
+                         ids=[" ".join(case[0]) for case in REFUSED_BEFORE_LOADING])
+def test_bad_input_is_refused_in_one_line_before_loading(refusal_run, args, fragment, option):
+    refusal_run(args, fragment, option, may_load=False)
+
+
+REFUSED_AFTER_LOADING = [  # what only the model tells: refused before sampling, nothing written
+    (["--prompt", "a cat"], "this model takes no text", "--prompt"),
+    (["--captions", "afile"], "this model takes no captions", "--captions"),
+    (["--max_order", "2"], "the default solver, euler, has no max_order", "--max_order"),
+    (["--predict_x0", "False", "--no-save", "--fid_ref", "ref.npz"], "has no predict_x0", "--predict_x0"),
+]
+
+
+@pytest.mark.parametrize("args, fragment, option", REFUSED_AFTER_LOADING,
+                         ids=[" ".join(case[0]) for case in REFUSED_AFTER_LOADING])
+def test_options_the_model_cannot_use_are_refused_before_sampling(refusal_run, args, fragment, option):
+    refusal_run(args, fragment, option, may_load=True)
+
+
+@pytest.mark.parametrize("blocker, may_load", [("samples", False), ("samples/tiny-edm", True)])
+def test_default_outdir_that_cannot_be_made_is_refused(refusal_run, blocker, may_load):
+    os.makedirs(os.path.dirname(blocker) or ".", exist_ok=True)
+    open(blocker, "w").close()  # a file where the default output folder goes
+    refusal_run([], f"{blocker} is a file", "--outdir", may_load=may_load)
+
+
+def test_seeds_without_a_caption_are_refused_before_sampling(refusal_run, tiny_teacher_pkl, monkeypatch):
+    """A text model samples the caption of row `seed`: seeds past the caption file are refused up front."""
+    import types
+
+    import models
+    from models.latent.precond import TextToImagePrecond
+
+    real_load = models.load_network
+
+    def text_model(*a, **k):  # the tiny teacher dressed as a text model with a 3-row caption file
+        loaded = real_load(*a, **k)
+        net = loaded.net
+        net._captions = lambda: ["a", "b", "c"]
+        net.captions_for_seeds = types.MethodType(TextToImagePrecond.captions_for_seeds, net)
+        net.encode_prompts = lambda prompts: pytest.fail("prompts encoded")
+        return loaded
+
+    monkeypatch.setattr(models, "load_network", text_model)
+    r = refusal_run(["--seeds", "1-3"], "seed 3 has no caption (the caption file has 3 rows)", None, may_load=True)
+    assert "use seeds 0-2 or --prompt" in r.output
+
+
+def test_default_outdir_is_named_after_the_model_file_and_printed(tiny_teacher_pkl, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = run_sample("--model_path", tiny_teacher_pkl[0], "--seeds", "0", "--num_steps", "2")
+    assert r.exit_code == 0, r.output
+    where = os.path.join(".", "samples", "tiny-edm", "euler_step2_nfe1")
+    assert f"images to {where}" in r.output and f"Done: 1 images in {where}" in r.output
+    assert sorted(digests(tmp_path / "samples")) == [os.path.join("tiny-edm", "euler_step2_nfe1", "000000",
+                                                                  "000000.png")]
+
+
+def test_guidance_the_network_cannot_apply_is_reported(tmp_path):
+    path = tmp_path / "cfg.safetensors"
+    save_snapshot(str(path), build_tiny_edm(seed=0), dict(SETTINGS, guidance_type="cfg", guidance_rate=7.5))
+    r = run_sample("--model_path", str(path), "--seeds", "0", "--outdir", str(tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    assert ("Note: the snapshot records classifier-free guidance (guidance_rate 7.5), which this network cannot "
+            "apply; sampling without guidance") in r.output
+    assert "NFE 2," in r.output  # the calls actually made, not doubled

@@ -143,9 +143,9 @@ def test_bad_schedule_arguments_rejected():
         get_schedule(5, 0.0, 80.0)
     with pytest.raises(ValueError, match="schedule_rho"):
         get_schedule(5, SIGMA_MIN, SIGMA_MAX, schedule_rho=0)
-    with pytest.raises(ValueError, match="sigma_inv"):
+    with pytest.raises(ValueError, match="discrete time steps"):
         get_schedule(5, SIGMA_MIN, SIGMA_MAX, schedule_type="discrete")
-    with pytest.raises(ValueError, match="sigma_inv"):
+    with pytest.raises(ValueError, match="discrete time steps"):
         get_schedule(5, SIGMA_MIN, SIGMA_MAX, schedule_type="discrete", net=object())
 
 

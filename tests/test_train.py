@@ -93,6 +93,97 @@ def test_bad_options_fail_with_one_line(tmp_path, tiny_teacher_pkl, args, messag
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("args, message", [
+    # bad paths
+    (["--outdir", "{tmp}/a-file"], "a-file is a file, not a folder"),
+    (["--outdir", "{tmp}/a-file/runs"], "a-file is a file, so"),
+    (["--model_path", "{tmp}/missing.pkl"], "no such file"),
+    (["--captions", "{tmp}/missing.csv"], "no such file"),
+    (["--resume", "{tmp}/missing.pt"], "no such file"),
+    (["--resume", "7"], "no experiment folder"),
+    # bad devices
+    (["--device", "gpu"], "'gpu' is not a device"),
+    (["--device", "mps"], "only cpu and cuda"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device"),
+    # bad ranges
+    (["--M", "-1"], "-1"),
+    (["--batch", "0"], "0"),
+    (["--total_kimg", "0"], "0"),
+    # contradictory options
+    (["--dataset_name", "fmnist", "--guidance_type", "cfg", "--guidance_rate", "7.5"], "fmnist has no guidance"),
+    (["--guidance_rate", "7.5"], "needs --guidance_type=cfg"),
+])
+def test_bad_input_is_refused_before_any_work(tmp_path, tiny_teacher_pkl, monkeypatch, args, message):
+    """One line, exit code 2, before the network loads, and nothing written."""
+    from training import training_loop as loop_module
+
+    pkl, _ = tiny_teacher_pkl
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop_module, "load_teacher", lambda *a, **k: pytest.fail("the network was loaded"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = ["--model_path", pkl, "--device", "cpu", "--batch", "4", "--total_kimg", "0.008"]
+    r = CliRunner().invoke(train.main, base + args if "--resume" not in args else args)
+    assert r.exit_code == 2, r.output
+    error = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(error) == 1 and message in error[0], r.output
+    assert "Traceback" not in r.output and "Training options" not in r.output
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+def test_guidance_on_a_network_without_it_is_refused_after_loading_without_a_folder(tmp_path, tiny_teacher_pkl):
+    """An EDM pickle's kind is known once it loads: --guidance_type is refused then, before a folder or an options
+    dump exists."""
+    pkl, _ = tiny_teacher_pkl
+    r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), "--model_path", pkl, *TINY_RUN,
+                                        "--guidance_type", "uncond"])
+    assert r.exit_code == 2 and "has no guidance; drop --guidance_type" in r.output, r.output
+    assert "Training options" not in r.output and not os.listdir(tmp_path)
+
+
+def test_resume_takes_the_same_options_and_refuses_other_ones(tmp_path, tiny_teacher_pkl, monkeypatch):
+    """The run's own command with --resume added resumes it; an option that would change the run, or that a run does
+    not keep, is refused in one line before anything loads."""
+    from training import training_loop as loop_module
+
+    pkl, _ = tiny_teacher_pkl
+    options = ["--model_path", pkl, "--batch", "4", "--total_kimg", "0.016", "--seed", "1", "--device", "cpu"]
+    first = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), *options, "--total_kimg", "0.008", "--dump", "1"])
+    assert first.exit_code == 0, first.output
+    run = only_dir(str(tmp_path / "00000-*"))
+    with open(os.path.join(run, "training_options.json")) as f:
+        recorded = json.load(f)
+    recorded["total_kimg"] = 0.016  # as if the run had been stopped half way
+    with open(os.path.join(run, "training_options.json"), "w") as f:
+        json.dump(recorded, f)
+    monkeypatch.setattr(loop_module, "load_teacher", lambda *a, **k: pytest.fail("the network was loaded"))
+    for extra, message in ((["--total_kimg", "5"], "--total_kimg=5.0 (the run has 0.016)"),
+                           (["--desc", "x"], "--desc (a run does not keep it)"),
+                           (["--lr", "1e-3"], "--lr=0.001 (the run has 5e-05)")):
+        r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), *options, *extra, "--resume", "0"])
+        assert r.exit_code == 2 and message in r.output, r.output
+    monkeypatch.undo()
+    same = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), *options, "--resume", "0"])
+    assert same.exit_code == 0 and "Resuming from" in same.output, same.output
+
+
+def test_a_finished_run_is_not_resumed(tmp_path, tiny_teacher_pkl):
+    pkl, _ = tiny_teacher_pkl
+    r = run_train(tmp_path, pkl, "--dump", "1")
+    assert r.exit_code == 0, r.output
+    run = only_dir(str(tmp_path / "00000-*"))
+    before = {name: os.path.getmtime(os.path.join(run, name)) for name in os.listdir(run)}
+    again = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), "--resume", "0"])
+    assert again.exit_code == 2 and "is finished (0.008 of 0.008 kimg): nothing to resume" in again.output, again.output
+    assert {name: os.path.getmtime(os.path.join(run, name)) for name in os.listdir(run)} == before
+
+
+def test_m_zero_says_what_the_teacher_does(tmp_path, tiny_teacher_pkl):
+    pkl, _ = tiny_teacher_pkl
+    r = run_train(tmp_path, pkl, "--M", "0", "--dry-run")
+    assert r.exit_code == 0 and "the teacher takes the student's own 3 steps" in r.output, r.output
+
+
 def test_second_stage_needs_model_path(tmp_path):
     r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), "--dataset_name", "cifar10",
                                         "--is_second_stage", "True"])

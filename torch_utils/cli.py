@@ -57,7 +57,10 @@ def check_output_file(path, option):
     folder cannot be made or written."""
     if os.path.isdir(str(path)):
         raise click.BadParameter(f"{path} is a folder; give a file name", param_hint=option)
-    check_output_dir(os.path.dirname(os.path.abspath(str(path))), option)
+    try:
+        check_output_dir(os.path.dirname(os.path.abspath(str(path))), option)
+    except click.BadParameter as e:
+        raise click.BadParameter(f"{path} cannot be written: {e.message.split(';')[0]}", param_hint=option) from None
     return os.path.abspath(str(path))
 
 
@@ -134,6 +137,18 @@ def machine_name(device):
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def leave_exit_code(code):
+    """Write the exit code to $SFD_EXIT_CODE_FILE where a launcher asked for it (launch.sh: torchrun itself always
+    exits with 1, so the launcher reads our 2 for bad input from there)."""
+    path = os.environ.get("SFD_EXIT_CODE_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
+
+
 def run(command, args=None):
     """Run a click command; its errors end the process with their exit code.
 
@@ -145,6 +160,7 @@ def run(command, args=None):
     try:
         command.main(args=args, standalone_mode=False)
     except click.ClickException as e:
+        leave_exit_code(e.exit_code)
         rank = int(os.environ.get("RANK", "0"))
         if rank != 0 or isinstance(e, PeerFailed):
             code = e.exit_code

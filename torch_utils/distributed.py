@@ -19,9 +19,10 @@ def init(device=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # Under torchrun each rank takes cuda:LOCAL_RANK; a plain process keeps the index it was given (cuda:1).
+        index = int(os.environ.get("LOCAL_RANK", "0")) if launched_by_torchrun() else (device.index or 0)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     if launched_by_torchrun() and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)

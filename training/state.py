@@ -57,6 +57,14 @@ def load_training_state(path):
         raise ValueError(f"cannot read training state {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def dump_progress(path):
+    """Trajectories done (cur_nimg) when a dump was written, read without loading its tensors into memory."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["cur_nimg"])
+    except Exception as e:
+        raise ValueError(f"cannot read training state {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
 def restore_step_rng(step_rng: random.Random, state):
     version, internal, gauss = state
     step_rng.setstate((version, tuple(internal), gauss))

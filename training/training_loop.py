@@ -51,13 +51,22 @@ def solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresh
     return {k: v for k, v in given.items() if k in solvers.SOLVER_OPTIONS[sampler_tea] and v is not None}
 
 
-def resolve_guidance(net, guidance_type, dataset_name):
-    """A backbone with its own guidance (LDM: 'uncond', SD: 'cfg') must train with that --guidance_type."""
-    own = getattr(net, "guidance_type", None)
-    if own is None or guidance_type == own or (own == "uncond" and guidance_type is None):
-        return own or guidance_type
+def check_guidance(own, guidance_type, name):
+    """The guidance a backbone trains with. `own` is its own ('uncond' for LDM, 'cfg' for SD, None for a backbone
+    without guidance); --guidance_type must match it (or be left out where it is 'uncond' or None)."""
+    if own is None:
+        if guidance_type is not None:
+            raise ValueError(f"{name or 'this network'} has no guidance; drop --guidance_type (it applies to the LDM "
+                             f"and Stable Diffusion backbones)")
+        return None
+    if guidance_type == own or (own == "uncond" and guidance_type is None):
+        return own
     hint = " --guidance_rate=W (e.g. 7.5; sampling uses it)" if own == "cfg" else ""
-    raise ValueError(f"{dataset_name or 'this backbone'} needs --guidance_type={own}{hint}, got {guidance_type!r}")
+    raise ValueError(f"{name or 'this backbone'} needs --guidance_type={own}{hint}, got {guidance_type!r}")
+
+
+def resolve_guidance(net, guidance_type, dataset_name):
+    return check_guidance(getattr(net, "guidance_type", None), guidance_type, dataset_name)
 
 
 def _peak_memory_gb(device):
