@@ -14,7 +14,14 @@ OUT=${OUT:-exps/quickstart}
 
 echo "== 1/4 install (the CPU wheel of torch 2.13 unless a torch is already installed)"
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -r requirements.txt
+python -m pip install -q -r requirements.txt -r experiments/requirements.txt  # the second: the benchmark's plots
+# Real Fashion-MNIST images for the two tests of the shipped detector and teacher: Debian's offline package, where
+# apt-get is there and this runs as root (elsewhere those two tests say skipped, and why).
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+        || echo "dataset-fashion-mnist could not be installed: its two tests will say skipped" >&2
+fi
 
 echo "== 2/4 distil the built-in teacher to 2 NFE (num_steps=4 with AFS): ${KIMG} kimg, batch ${BATCH}, lr ${LR}"
 python train.py --dataset_name=fmnist --outdir="$OUT" --total_kimg="$KIMG" --batch="$BATCH" --lr="$LR" \
@@ -27,3 +34,9 @@ python sample.py --model_path="$RUN" --seeds=0-63 --grid --outdir="$RUN/grid"
 
 echo "== 4/4 the student next to the teacher's solvers (${NUM} samples each)"
 python experiments/quickstart_report.py --student="$RUN" --num="$NUM" --batch=100 --channels_last=True
+
+echo "== next: sample and score the student yourself (the built-in detector and references, offline)"
+echo "  python sample.py --model_path=$RUN --seeds=0-9999 --outdir=$RUN/samples"
+echo "  python fid.py calc --images=$RUN/samples --ref=assets/fmnist-teacher-ref.npz --detector=assets/fmnist-detector.pt"
+echo "  python fid.py calc --images=$RUN/samples --ref=assets/fmnist-train-ref.npz --detector=assets/fmnist-detector.pt"
+echo "  (teacher-FID, then data-FID; sample.py --model_path takes the run folder, or its number with --exps_dir=$OUT)"
