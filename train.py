@@ -33,6 +33,7 @@ import solvers
 from torch_utils import cli
 from torch_utils.cli import CommandError
 from torch_utils import distributed as dist
+from torch_utils.threads import pick_cpu_threads
 from training.precision import PRECISIONS
 from training.sfd_loss import SFDV_NUM_STEPS
 
@@ -338,6 +339,8 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
     from training.perceptual import PerceptualUnavailable
     from training.training_loop import training_loop
 
+    cpu_threads = pick_cpu_threads() if torch.device(c.device).type == "cpu" else None
+
     def open_run_dir():
         """Called by the loop once the network has loaded, so a failed load leaves no folder behind and prints no
         options for a run that never starts."""
@@ -347,6 +350,9 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
         dnnlib.util.write_atomic(os.path.join(run_dir, "training_options.json"), json.dumps(c, indent=2))
         dnnlib.util.tee_stdout(os.path.join(run_dir, "log.txt"))
         print_options()
+        if cpu_threads is not None and cpu_threads[0] < cpu_threads[1]:
+            dist.print0(f"CPU threads: {cpu_threads[0]} of {cpu_threads[1]} cores; {cpu_threads[2]:.1f} were busy with "
+                        "other work at the start (OMP_NUM_THREADS=N chooses).")
         return run_dir
 
     try:

@@ -11,6 +11,8 @@ if ROOT not in sys.path:
 # Tests never reach the network: downloads must fail fast and clearly.
 os.environ.setdefault("SFD_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny test convolutions run fastest single-threaded on shared cores
+# ...and so do the scripts the tests start; it also keeps train.py from measuring the machine's load every run
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -574,3 +574,62 @@ def test_teacher_and_student_calls_never_wait_for_the_gpu(device, use_step_condi
         assert result.targets[0].shape == (3, 4, 1, 8, 8) and torch.isfinite(result.targets[0]).all()
         assert all(torch.isfinite(loss[0]).all() for loss in result.losses)
     assert any(not torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_eta_leaves_out_the_first_iterations_one_time_cost(monkeypatch, capsys):
+    """The ETA after a tick uses the rate of the iterations after the run's first one: a slow first iteration
+    (kernel selection, allocations, compilation) does not stretch the estimate for the whole run."""
+    import types
+
+    from training import training_loop as loop_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    log = loop_module.TickLog(4, torch.device("cpu"), total_kimg=0.1, cur_nimg=0, stats_file=None,
+                              start_time=1000.0, progress=False)
+    for i, seconds in enumerate([30.0, 1.0, 1.0, 1.0]):  # batch 10: the first iteration takes 30 s, then 1 s each
+        clock[0] += seconds
+        log.add([[torch.ones(2)] for _ in range(3)])
+        log.advance(10 * (i + 1))
+    log.write(0, 40, 1e-3, types.SimpleNamespace(mixed=False, precision="fp32"))
+    line = capsys.readouterr().out
+    # 60 images left at 1 s per 10; the tick's own rate (33 s per 40 images) would say 49s
+    assert "sec/kimg 825.00" in line and "eta 6s" in line, line
+
+
+def test_cpu_threads_follow_the_free_cores(monkeypatch):
+    """A CPU run uses the cores that other work leaves free (at least one); OMP_NUM_THREADS is the user's choice;
+    nothing changes where /proc/stat sees other CPUs than this process may use."""
+    from torch_utils import threads
+
+    monkeypatch.setattr(threads, "usable_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    assert threads.pick_cpu_threads(lambda: (0.2, 4)) == (4, 4, 0.2)
+    assert threads.pick_cpu_threads(lambda: (2.6, 4)) == (1, 4, 2.6)
+    assert threads.pick_cpu_threads(lambda: (7.9, 4)) == (1, 4, 7.9)
+    assert threads.pick_cpu_threads(lambda: (1.0, 64)) is None and threads.pick_cpu_threads(lambda: (None, None)) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.pick_cpu_threads(lambda: (3.0, 4)) is None
+    assert set_to == [4, 1, 1]
+    # busy cores from two reads of /proc/stat-like counters: 150 of 200 jiffies busy on 2 CPUs
+    reads = iter([(100, 1000, 2), (250, 1200, 2)])
+    assert threads.busy_cores(read=lambda: next(reads), sleep=lambda s: None) == (1.5, 2)
+
+
+def test_train_py_on_a_busy_cpu_uses_the_free_cores_and_says_so(tmp_path, tiny_teacher_pkl, monkeypatch):
+    from torch_utils import threads
+
+    pkl, _ = tiny_teacher_pkl
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "busy_cores", lambda: (1.7, 2))
+    before = torch.get_num_threads()
+    try:
+        r = run_train(tmp_path, pkl)
+        assert r.exit_code == 0, r.output
+        assert "CPU threads: 1 of 2 cores; 1.7 were busy with other work at the start" in r.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -4,6 +4,7 @@ Reads top to bottom as the algorithm. It never branches on the backbone: everyth
 loaded network (shape, label_dim, σ range) and from the settings resolved by train.py.
 """
 
+import collections
 import contextlib
 import copy
 import json
@@ -338,6 +339,10 @@ class TickLog:
         self.loss_count = torch.zeros(max_steps - 1, device=device)
         self.device, self.total_kimg, self.stats_file, self.start_time = device, total_kimg, stats_file, start_time
         self.tick_start_nimg, self.tick_start_time = cur_nimg, time.time()
+        # (time, nimg) at the end of the latest iterations. The ETA uses their rate: it leaves out the run's first
+        # iteration, which pays one-time costs (kernel selection, allocations, compilation), so the ETA after tick 0
+        # is not that iteration's rate spread over the whole run.
+        self.marks = collections.deque(maxlen=64)
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -358,6 +363,7 @@ class TickLog:
 
     def advance(self, cur_nimg):
         """Move the bar to cur_nimg (set, not summed: a sum of batch/1000 steps drifts past the total)."""
+        self.marks.append((time.time(), cur_nimg))
         if self.bar is not None:
             self.bar.update(min(cur_nimg / 1000, self.total_kimg) - self.bar.n)
 
@@ -367,7 +373,9 @@ class TickLog:
         sec_per_kimg = tick_time / max(cur_nimg - self.tick_start_nimg, 1) * 1000
         per_step = (dist.all_reduce_mean(self.loss_sum) / self.loss_count.clamp(min=1)).tolist()
         seen = self.loss_count.tolist()
-        eta = sec_per_kimg * (self.total_kimg - cur_nimg / 1000)
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        recent = (t1 - t0) / (n1 - n0) * 1000 if n1 > n0 else sec_per_kimg
+        eta = recent * max(self.total_kimg - cur_nimg / 1000, 0)
         stats = dict(tick=cur_tick, kimg=cur_nimg / 1000, sec_per_kimg=sec_per_kimg,
                      total_sec=time.time() - self.start_time, peak_mem_gb=_peak_memory_gb(self.device),
                      lr=lr, mixed_precision=mode.mixed, precision=mode.precision,
