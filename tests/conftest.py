@@ -27,6 +27,31 @@ def pytest_collection_modifyitems(config, items):
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
+def assert_one_line_refusal(result, *words):
+    """A CLI's refusal of bad input: exit code 2, no traceback, and a single error line holding `words`; before it,
+    at most click's usage hint ('Usage: ...', 'Try ... --help ...') that click prints with a usage error. Returns
+    the error line."""
+    out = result.output
+    assert result.exit_code == 2, out
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in out and "Aborted" not in out, out
+    lines = [line for line in out.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), out
+    assert all(line.startswith(("Usage: ", "Try '")) for line in lines[:-1]), out
+    assert all(w in lines[-1] for w in words), (words, out)
+    return lines[-1]
+
+
+def tree(folder):
+    """Every file and folder under `folder`, with file sizes: equal before and after means nothing was written."""
+    found = set()
+    for root, dirs, files in os.walk(folder):
+        found.update(os.path.relpath(os.path.join(root, d), folder) + "/" for d in dirs)
+        found.update((os.path.relpath(os.path.join(root, f), folder), os.path.getsize(os.path.join(root, f)))
+                     for f in files)
+    return found
+
+
 def convolution_dtypes(fn):
     """Run `fn()` and return (its result, the set of input dtypes of every convolution it ran), as the kernels see
     them (after autocast)."""

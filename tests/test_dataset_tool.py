@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from test_fid import assert_one_line_refusal  # tests/ is on sys.path under pytest
+from tests.conftest import assert_one_line_refusal, tree
 from training.dataset import DatasetError, load_image_dataset
 
 
@@ -186,10 +186,6 @@ def places(tmp_path, monkeypatch):
     for name in ("load_fmnist", "read_idx", "fetch_fmnist", "write_dataset"):
         monkeypatch.setattr(dataset_tool, name, forbidden)
     return tmp_path
-
-
-def tree(folder):
-    return sorted(os.path.relpath(os.path.join(r, n), folder) for r, ds, fs in os.walk(folder) for n in ds + fs)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 import dnnlib
 import fid
 from metrics import detectors, frechet, images as image_io
+from tests.conftest import assert_one_line_refusal, tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # torch >= 2.10 flags TorchScript as deprecated; it is still the detector file format we accept.
@@ -531,28 +532,6 @@ def test_offline_ref_download_exits_2_with_one_line(setup, tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------------------------
 # Bad options are refused before any work: one line, exit code 2, nothing written
-
-
-def assert_one_line_refusal(result, *words):
-    """Exit code 2, no traceback, and a single error line holding `words`; before it, at most click's usage hint
-    ('Usage: ...', 'Try ... --help ...') that click prints with a usage error."""
-    out = result.output
-    assert result.exit_code == 2, out
-    assert "Traceback" not in out and "Aborted" not in out, out
-    lines = [line for line in out.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("Error: "), out
-    assert all(line.startswith(("Usage: ", "Try '")) for line in lines[:-1]), out
-    assert all(w in lines[-1] for w in words), (words, out)
-
-
-def tree(folder):
-    """Every file and folder under `folder`, with file sizes."""
-    found = set()
-    for root, dirs, files in os.walk(folder):
-        found.update(os.path.relpath(os.path.join(root, d), folder) + "/" for d in dirs)
-        found.update((os.path.relpath(os.path.join(root, f), folder), os.path.getsize(os.path.join(root, f)))
-                     for f in files)
-    return found
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 import prdc  # the CLI in the repository root
 from metrics.prdc import compute_prdc, knn_sq_radii
-from test_fid import (URL_DETECTOR, assert_one_line_refusal, bad_inputs, random_images, refused,  # noqa: F401
-                      save_detector, write_pngs)  # tests/ is on sys.path under pytest
+from tests.conftest import assert_one_line_refusal
+from tests.test_fid import (URL_DETECTOR, bad_inputs, random_images, refused, save_detector,  # noqa: F401
+                            write_pngs)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
 

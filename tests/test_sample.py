@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import sample
 from models import save_snapshot
-from tests.conftest import ROOT, build_tiny_edm
+from tests.conftest import ROOT, assert_one_line_refusal, build_tiny_edm, tree
 from torch_utils import cli
 
 SETTINGS = dict(dataset_name="tiny", model_source="edm", num_steps=4, M=3, afs=True, schedule_type="polynomial",
@@ -396,26 +396,8 @@ def refusal_workspace(root):
         (root / "exps" / "quickstart" / f"{k:05d}-fmnist-4-2-dpmpp-3-poly7.0-afs").mkdir(parents=True)
 
 
-def tree(root):
-    return sorted(os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files)
-
-
-def one_error_line(output):
-    """The single 'Error: ...' line of a refusal; everything else may only be click's usage header."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], output
-    assert all(line.startswith(("Usage:", "Try ")) for line in lines[:-1]), output
-    return errors[0]
-
-
 def assert_refused(r, fragment, option, before, root):
-    assert r.exit_code == 2, r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.output and "Aborted" not in r.output, r.output
-    line = one_error_line(r.output)
-    assert fragment in line, line
-    assert option is None or option in line, line
+    assert_one_line_refusal(r, fragment, *([option] if option else []))
     assert tree(root) == before  # nothing written: no outdir, no ./samples, no stray files
 
 
