@@ -107,3 +107,49 @@ def tiny_cond_teacher_pkl(tmp_path_factory):
     net = build_tiny_edm(seed=1, **TINY_DHARIWAL)
     path = tmp_path_factory.mktemp("teacher") / "tiny-edm-cond.pkl"
     return write_edm_pickle(path, net), net
+
+
+def documented_defaults(command, *names):
+    """{'--option': text} of the '[default: text]' that `--help` shows for each option of a click command (the
+    subcommand `names` of a group): what a user reads, to compare with what a run without the option passes on."""
+    import re
+
+    import click
+
+    for name in names:
+        command = command.commands[name]
+    ctx = click.Context(command, info_name=command.name)
+    found = {}
+    for param in command.get_params(ctx):
+        record = param.get_help_record(ctx)
+        if record is None:
+            continue
+        match = re.search(r"\[default: ([^\]]+)\]", " ".join(record[1].split()))
+        if match:  # click appends an option's range to its default: '[default: 5; x>=1]'
+            found[param.opts[0]] = re.sub(r"; [^;]*[<>=].*$", "", match.group(1))
+    return found
+
+
+class CallRecorder:
+    """Wraps functions a CLI calls (monkeypatched on its module) and keeps the arguments each call received, bound
+    to the function's own parameter names; `replace` answers instead of the real function."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+        self.calls = {}
+
+    def wrap(self, module, name, replace=None):
+        import inspect
+
+        real = getattr(module, name)
+        signature = inspect.signature(real)
+        calls = self.calls.setdefault(name, [])
+
+        def recording(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls.append(dict(bound.arguments))
+            return (replace or real)(*args, **kwargs)
+
+        self.monkeypatch.setattr(module, name, recording)
+        return calls

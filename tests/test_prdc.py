@@ -8,9 +8,10 @@ import scipy.spatial.distance
 import torch
 from click.testing import CliRunner
 
+import fid
 import prdc  # the CLI in the repository root
 from metrics.prdc import compute_prdc, knn_sq_radii
-from tests.conftest import assert_one_line_refusal
+from tests.conftest import CallRecorder, assert_one_line_refusal, documented_defaults
 from tests.test_fid import (URL_DETECTOR, bad_inputs, random_images, refused, save_detector,  # noqa: F401
                             write_pngs)
 
@@ -188,3 +189,77 @@ def test_help_names_device_and_workers_default():
     flat = " ".join(r.output.split())
     assert "--device" in flat and "cuda if this machine has it, else cpu" in flat
     assert "min(3, CPU cores available - 1)" in flat
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every option reaches the code it names, and the defaults --help documents are the ones that run.
+
+PAPER_NEAREST_K = 5  # the paper's prdc.py passes nearest_k=5 to compute_prdc (Naeem et al.'s setting)
+
+
+@pytest.fixture(scope="module")
+def two_sides(tmp_path_factory):
+    """7 generated and 9 reference images (different counts tell the sides apart) and a tiny detector."""
+    d = tmp_path_factory.mktemp("prdc-wiring")
+    return dict(gen=write_pngs(d / "gen", random_images(7, seed=1)),
+                ref=write_pngs(d / "ref", random_images(9, seed=2)), det=save_detector(d / "tiny.pt"))
+
+
+def observed_calc(monkeypatch, sides, extra):
+    """Run `prdc.py calc` on the two folders and return what reached each stage of the computation."""
+    rec = CallRecorder(monkeypatch)
+    opened = rec.wrap(prdc, "open_images")
+    loaded = rec.wrap(prdc, "get_detector")
+    featured = rec.wrap(prdc, "image_features")
+    scored = rec.wrap(prdc, "compute_prdc", replace=lambda *args, **kwargs: dict.fromkeys(
+        ("precision", "recall", "density", "coverage"), 0.0))
+    args = ["calc", "--images", sides["gen"], "--images_ref", sides["ref"], "--detector", sides["det"]] + extra
+    r = CliRunner().invoke(prdc.main, args)
+    assert r.exit_code == 0, r.output
+    (score,) = scored
+    sides_opened = {call["option"]: call for call in opened}
+    return {
+        "--images": sides_opened["--images"]["path"], "--images_ref": sides_opened["--images_ref"]["path"],
+        "real rows": len(score["real_features"]), "fake rows": len(score["fake_features"]),
+        "--nearest_k": score["nearest_k"],
+        "--num": {c["num"] for c in opened}, "--seed": {c["seed"] for c in opened},
+        "--detector": loaded[0]["spec"], "--cache": loaded[0]["cache"], "--device": str(loaded[0]["device"]),
+        "--batch": {c["batch"] for c in featured}, "--workers": {c["num_workers"] for c in featured},
+    }
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"--nearest_k": PAPER_NEAREST_K, "--num": {10000}, "--seed": {0}, "--batch": {64}, "--cache": "./src",
+          "--device": "cpu", "--workers": {prdc.default_workers()}}),
+    (["--nearest_k", "3"], {"--nearest_k": 3}),
+    (["--num", "8", "--seed", "4"], {"--num": {8}, "--seed": {4}, "real rows": 8, "fake rows": 7}),
+    (["--batch", "3", "--workers", "1", "--device", "cpu", "--cache", "elsewhere"],
+     {"--batch": {3}, "--workers": {1}, "--device": "cpu", "--cache": "elsewhere"}),
+])
+def test_calc_options_reach_the_computation(two_sides, monkeypatch, extra, expected):
+    seen = observed_calc(monkeypatch, two_sides, extra)
+    # The generated folder is the fake side and the reference folder the real one (precision and recall swap
+    # if they are crossed), whatever else the options say.
+    assert (seen["--images"], seen["--images_ref"]) == (two_sides["gen"], two_sides["ref"])
+    assert seen["--detector"] == two_sides["det"]
+    if "real rows" not in expected:
+        assert (seen["real rows"], seen["fake rows"]) == (9, 7), seen
+    assert {k: seen[k] for k in expected} == expected, seen
+
+
+def test_documented_defaults_are_the_ones_that_run(two_sides, monkeypatch):
+    documented = documented_defaults(prdc.main, "calc")
+    assert documented["--nearest_k"] == str(PAPER_NEAREST_K)
+    # Without --detector the NVIDIA detector that --help names is downloaded (offline here; tests/test_fid.py).
+    assert fid.DEFAULT_DETECTOR_URL.endswith("/inception-2015-12-05.pkl")
+    assert "inception-2015-12-05.pkl" in documented.pop("--detector")
+    seen = observed_calc(monkeypatch, two_sides, [])
+    for option, value in documented.items():
+        if option == "--workers":  # documented as a rule: 'min(3, CPU cores available - 1), here N'
+            assert value.endswith(f"here {seen[option].pop()}"), value
+        elif option == "--device":
+            assert value == "cuda if this machine has it, else cpu" and seen[option] == "cpu"
+        else:
+            shown = seen[option]
+            shown = shown.pop() if isinstance(shown, set) and len(shown) == 1 else shown
+            assert str(shown) == value, (option, value, seen[option])
