@@ -327,3 +327,53 @@ def test_teacher_batch_sets_the_teacher_call_size(tiny_teacher_pkl, monkeypatch,
     sizes = {len(c["x"]) for c in rec.role("teacher")}
     assert sizes == {expected}, sizes
     assert {len(c["x"]) for c in rec.role("student")} == {4}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The optimizer the loop builds (issue 50).
+
+# The paper's train.py: optimizer_kwargs = Adam with lr=--lr, betas=[0.9, 0.999], eps=1e-8; everything else is
+# torch's default (no weight decay, no AMSGrad).
+PAPER_ADAM = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, maximize=False)
+
+
+def test_student_is_updated_by_adam_with_the_papers_settings(tiny_teacher_pkl, monkeypatch):
+    steps = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        params = [p for group in self.param_groups for p in group["params"]]
+        before = [p.detach().double().clone() for p in params]
+        grads = [None if p.grad is None else p.grad.detach().double().clone() for p in params]
+        out = real_step(self, *args, **kwargs)
+        steps.append(dict(cls=type(self), groups=[{k: v for k, v in g.items() if k != "params"} for g in
+                                                  self.param_groups], ids=[id(p) for p in params], before=before,
+                          grads=grads, after=[p.detach().double().clone() for p in params]))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    lr = 1e-3
+    result = run(tiny_teacher_pkl[0], num_steps=4, afs=True, lr=lr)  # one iteration: two updates (AFS has none)
+    assert len(steps) == 2 and all(s["cls"] is torch.optim.Adam for s in steps)
+    for group in steps[0]["groups"]:
+        assert {k: group[k] for k in PAPER_ADAM} == PAPER_ADAM and group["lr"] == lr, group
+    assert steps[0]["ids"] == [id(p) for p in result.net.parameters()], "Adam must hold the student's parameters"
+
+    # Both updates by hand (Kingma & Ba, Alg. 1, with bias correction), from the gradients that reached Adam.
+    b1, b2 = PAPER_ADAM["betas"]
+    eps = PAPER_ADAM["eps"]
+    moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in steps[0]["before"]]
+    checked = 0
+    for t, step in enumerate(steps, start=1):
+        for k, (p0, g, p1) in enumerate(zip(step["before"], step["grads"], step["after"])):
+            if g is None:
+                assert torch.equal(p0, p1)
+                continue
+            m, v = moments[k]
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            moments[k] = (m, v)
+            expected = p0 - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+            err = float((p1 - expected).abs().max())
+            assert err <= 1e-6 * lr + 1e-7 * float(p0.abs().max()), f"update {t} of parameter {k}: error {err:.2e}"
+            checked += int(g.abs().gt(0).sum())
+    assert checked > 1000  # the updates exercised many non-zero gradients
