@@ -36,11 +36,11 @@ import dnnlib
 import solvers
 from torch_utils import distributed as dist
 from torch_utils import cli
+from models.snapshot import SFDV_NUM_STEPS, is_sfdv
 from torch_utils.cli import CommandError
 from training.precision import PRECISIONS, RunMode, maybe_compile, prepare_module
-from training.sfd_loss import SFDV_NUM_STEPS
 
-SOLVER_OPTION_NAMES = tuple(solvers.SOLVER_OPTIONS["dpmpp"])  # the solver options sample.py exposes
+SOLVER_OPTION_NAMES = tuple(solvers.TABLE["dpmpp"].options)  # the solver options sample.py exposes
 DEFAULT_OUTDIR_ROOT = "./samples"
 
 
@@ -146,8 +146,9 @@ def image_grid(images_uint8):
 def check_sampling_options(opts):
     """One-line errors for solver options that are wrong whatever the model (before anything is loaded)."""
     solver = opts.solver or "euler"
-    if opts.max_order is not None and solver in solvers.ORDER_RANGE:
-        lo, hi = solvers.ORDER_RANGE[solver]
+    order_range = solvers.TABLE[solver].order_range
+    if opts.max_order is not None and order_range is not None:
+        lo, hi = order_range
         if not lo <= opts.max_order <= hi:
             raise click.BadParameter(f"{opts.max_order} is out of range for --solver={solver} (allowed {lo}..{hi})",
                                      param_hint="--max_order")
@@ -172,9 +173,8 @@ def check_sampling_options(opts):
 def check_solver_options(solver, opts, default=False):
     """A solver option of another solver would be ignored: refused, naming the solvers that have it."""
     for name in SOLVER_OPTION_NAMES:
-        if opts[name] is not None and name not in solvers.SOLVER_OPTIONS[solver]:
-            owners = " or ".join(f"--solver={s}" for s in sorted(solvers.SOLVER_OPTIONS) if name in
-                                 solvers.SOLVER_OPTIONS[s])
+        if opts[name] is not None and name not in solvers.TABLE[solver].options:
+            owners = " or ".join(f"--solver={s}" for s in sorted(solvers.TABLE) if name in solvers.TABLE[s].options)
             which = f"the default solver, {solver}," if default else f"--solver={solver}"
             raise click.BadParameter(f"{which} has no {name}; it applies to {owners}", param_hint=f"--{name}")
 
@@ -307,7 +307,7 @@ def resolve_sampling(loaded, opts):
                                      param_hint=f"--{given[0]}")
         num_steps = st["num_steps"]
         step_condition = None
-        if st.get("use_step_condition") and not st.get("is_second_stage"):
+        if is_sfdv(st):
             lo, hi = st.get("step_condition_range", SFDV_NUM_STEPS)
             num_steps = opts.num_steps if opts.num_steps is not None else num_steps
             if not lo <= num_steps <= hi:
@@ -328,7 +328,7 @@ def resolve_sampling(loaded, opts):
             step_condition=step_condition, options={}, guidance_rate=st.get("guidance_rate"), denoise_to_zero=False)
     solver = opts.solver or "euler"
     check_solver_options(solver, opts, default=opts.solver is None)
-    options = {k: opts[k] for k in solvers.SOLVER_OPTIONS[solver] if k in SOLVER_OPTION_NAMES and opts[k] is not None}
+    options = {k: opts[k] for k in solvers.TABLE[solver].options if k in SOLVER_OPTION_NAMES and opts[k] is not None}
     return dnnlib.EasyDict(
         solver=solver, num_steps=opts.num_steps or 18, afs=bool(opts.afs), schedule_type=opts.schedule_type or
         "polynomial", schedule_rho=opts.schedule_rho if opts.schedule_rho is not None else 7.0,
@@ -386,7 +386,8 @@ def _optional_bool(name, text, default=None):
 @_optional_bool("--afs", "Pre-trained models only: analytical first step  [default: False]")
 @click.option("--max_order", help="Pre-trained models only: multistep order", metavar="INT", type=int)
 @_optional_bool("--predict_x0", "Pre-trained models only: DPM-Solver++ data prediction")
-@_optional_bool("--thresholding", "Pre-trained models only: DPM-Solver++ dynamic thresholding  [default: True]")
+@_optional_bool("--thresholding", "Pre-trained models only: DPM-Solver++ dynamic thresholding  [default: "
+                f"{solvers.TABLE['dpmpp'].options['thresholding']}]")
 @_optional_bool("--lower_order_final", "Pre-trained models only: DPM-Solver++ lower final orders")
 @_optional_bool("--denoise_to_zero", "Pre-trained models only: one last network call from sigma_min to 0 (EDM's "
                 "Heun 35 NFE = --num_steps 18 with this)  [default: False]", False)

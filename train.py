@@ -97,8 +97,9 @@ def check_options(opts, world_size):
                                  "use --num_steps >= 3 or --afs=False", param_hint="--num_steps")
     if opts.is_second_stage and opts.afs and opts.num_steps < 3:
         raise click.BadParameter("the second stage needs num_steps >= 3 with AFS (1 NFE)", param_hint="--num_steps")
-    if opts.max_order is not None and opts.sampler_tea in solvers.ORDER_RANGE:
-        lo, hi = solvers.ORDER_RANGE[opts.sampler_tea]
+    order_range = solvers.TABLE[opts.sampler_tea].order_range
+    if opts.max_order is not None and order_range is not None:
+        lo, hi = order_range
         if not lo <= opts.max_order <= hi:
             raise click.BadParameter(f"{opts.max_order} is out of range for --sampler_tea={opts.sampler_tea} "
                                      f"(allowed {lo}..{hi})", param_hint="--max_order")

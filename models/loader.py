@@ -18,18 +18,14 @@ import torch
 import dnnlib
 from torch_utils import persistence
 from torch_utils.restricted_pickle import InertObject
-from training.sfd_loss import SFDV_NUM_STEPS
 
 from .edm import load_state_strict
-from .registry import BACKBONES, get_backbone
+from .precond import EDM_PRECOND_CLASSES
+from .registry import BACKBONES, EDM_SIGMA_MAX, PAPER_SIGMA_MIN, get_backbone
 from .snapshot import FORMAT_NAME as SNAPSHOT_FORMAT
-from .snapshot import NETWORK_CLASSES, load_snapshot
+from .snapshot import NETWORK_CLASSES, SFDV_NUM_STEPS, is_sfdv, load_snapshot
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Used for an EDM pickle given without a dataset_name (design §6 / the paper's EDM range).
-DEFAULT_SIGMA_MIN = 0.006
-DEFAULT_SIGMA_MAX = 80.0
 
 
 @dataclass
@@ -88,7 +84,7 @@ def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_c
                                  f"not {dataset_name!r}")
             return _finish(net, settings, settings["dataset_name"], "paper_snapshot", model_path, device)
         record = _ema_record(model_path, data)
-        sigma_min, sigma_max = DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX
+        sigma_min, sigma_max = PAPER_SIGMA_MIN, EDM_SIGMA_MAX  # an EDM pickle without a dataset_name
         if dataset_name is not None:
             row = get_backbone(dataset_name)
             sigma_min, sigma_max = row.sigma_min, row.sigma_max
@@ -98,13 +94,36 @@ def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_c
         if record.class_name == "EDMPrecond":
             overrides.update(sigma_min=sigma_min, sigma_max=sigma_max)
         with torch.random.fork_rng(devices=[]):  # fresh init must not shift the caller's RNG stream
-            net = persistence.build_from_record(record, **overrides)
+            net = build_from_record(record, **overrides)
         settings = _pretrained_settings(dataset_name, sigma_min, sigma_max, use_step_condition, model_path)
         return _finish(net, settings, dataset_name, "edm_pickle", model_path, device)
     if kind in ("safetensors", "torch_legacy", "torch_zip"):
         raise ValueError(f"{model_path} is a checkpoint of another program (not an SFD snapshot or EDM pickle); for "
                          f"an LDM, Stable Diffusion or lsun_bedroom checkpoint pass its --dataset_name too")
     raise ValueError(f"{model_path} is neither an SFD snapshot (.safetensors) nor an EDM network pickle (.pkl)")
+
+
+def build_from_record(record, **overrides):
+    """Build our network for an EDM record (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond).
+
+    The recorded constructor keywords are used, updated by `overrides` (e.g. use_step_condition=True,
+    use_fp16=False); then every recorded tensor is copied in by name and shape (see
+    `models.edm.load_state_strict`; SFD-v step layers absent from the record stay freshly initialised).
+    """
+    if not isinstance(record, persistence.PersistentRecord):
+        raise ValueError(f"expected a PersistentRecord of a network, got {type(record).__name__}")
+    cls = EDM_PRECOND_CLASSES.get(record.class_name)
+    if cls is None:
+        raise ValueError(f"the pickle holds a '{record.class_name}' network; supported: {', '.join(EDM_PRECOND_CLASSES)}")
+    if record.init_kwargs is None or record.init_args is None:
+        raise ValueError(f"the pickled '{record.class_name}' did not record its constructor arguments; cannot rebuild it")
+    kwargs = {**record.init_kwargs, **overrides}
+    try:
+        net = cls(*record.init_args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"cannot build {record.class_name} from the pickle's constructor arguments: {e}") from None
+    load_state_strict(net, persistence.record_tensors(record), source=f"pickled {record.class_name}")
+    return net
 
 
 def _build_edm(row, path, use_step_condition):
@@ -240,7 +259,7 @@ def _build_paper_snapshot(record, path):
     settings.setdefault("model_source", "edm")
     settings.update(sigma_min=float(kwargs.get("sigma_min", row.sigma_min)),
                     sigma_max=float(kwargs.get("sigma_max", row.sigma_max)), use_step_condition=use_step_condition)
-    if use_step_condition and not kwargs.get("is_second_stage"):
+    if is_sfdv(settings):
         settings["step_condition_range"] = list(SFDV_NUM_STEPS)
     return net, settings
 

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 EDM_CDN = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained"
 
+# The noise range the paper distils EDM teachers over (its sigma_min is also LDM's); the loader uses it for an EDM
+# pickle given without a dataset_name.
+PAPER_SIGMA_MIN = 0.006
+EDM_SIGMA_MAX = 80.0
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -47,7 +52,7 @@ _DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type=
 
 def _edm(dataset_name, file_name, resolution, label_dim, network_kwargs, description):
     return Backbone(dataset_name=dataset_name, family="edm", file_name=file_name, url=f"{EDM_CDN}/{file_name}",
-                    resolution=resolution, channels=3, label_dim=label_dim, sigma_min=0.006, sigma_max=80.0,
+                    resolution=resolution, channels=3, label_dim=label_dim, sigma_min=PAPER_SIGMA_MIN, sigma_max=EDM_SIGMA_MAX,
                     network_kwargs=network_kwargs, description=description)
 
 
@@ -68,7 +73,7 @@ BACKBONES = {
 
 
 # Latent-space backbones (loader family 'latent', models/latent/): configuration in models/configs/{config}.yaml.
-# sigma_max = sigma(t=1) of each model's own discrete schedule; sigma_min as in the paper (0.006 LDM, 0.1 SD).
+# sigma_max = sigma(t=1) of each model's own discrete schedule; sigma_min as in the paper (LDM: PAPER_SIGMA_MIN, SD 0.1).
 # URLs as in the paper's torch_utils/download_util.py; SD v1.5 also from its maintained mirror.
 LDM_FILES = "https://ommer-lab.com/files/latent-diffusion"
 CLIP_L14 = "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main"
@@ -76,7 +81,7 @@ CLIP_L14 = "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main"
 
 def _ldm(dataset_name, archive, description):
     return Backbone(dataset_name=dataset_name, family="latent", file_name="model.ckpt", url=f"{LDM_FILES}/{archive}",
-                    resolution=64, channels=3, label_dim=0, sigma_min=0.006, sigma_max=83.82249324131595,
+                    resolution=64, channels=3, label_dim=0, sigma_min=PAPER_SIGMA_MIN, sigma_max=83.82249324131595,
                     network_class="LatentDiffusionPrecond", network_kwargs=dict(config=dataset_name),
                     extra_urls={"vq-f4": f"{LDM_FILES}/vq-f4.zip"}, description=description)
 
@@ -101,11 +106,11 @@ BACKBONES.update((row.dataset_name, row) for row in (
 
 # Consistency Models' EDM teacher on LSUN Bedroom 256 (loader family 'state_dict': a plain tensor dict). The paper's
 # list names it but its code never builds it. EDM preconditioning over OpenAI's U-Net (models/unet.py, settings as
-# released); the noise range is the paper's for its EDM teachers, 0.006..80 (Consistency Models sample from 0.002).
+# released); the noise range is the paper's for its EDM teachers (Consistency Models sample from 0.002).
 BACKBONES["lsun_bedroom"] = Backbone(
     dataset_name="lsun_bedroom", family="state_dict", file_name="edm_bedroom256_ema.pt",
     url="https://openaipublic.blob.core.windows.net/consistency/edm_bedroom256_ema.pt",
-    resolution=256, channels=3, label_dim=0, sigma_min=0.006, sigma_max=80.0,
+    resolution=256, channels=3, label_dim=0, sigma_min=PAPER_SIGMA_MIN, sigma_max=EDM_SIGMA_MAX,
     network_kwargs=dict(model_type="OpenAIUNet", model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2,
                         attn_resolutions=[32, 16, 8], channels_per_head=64, dropout=0.1, use_fp16=False),
     description="EDM on LSUN Bedroom 256x256 (Consistency Models' teacher, OpenAI U-Net), unconditional")
@@ -115,7 +120,7 @@ BACKBONES["lsun_bedroom"] = Backbone(
 # offline quickstart and the reproducible table run on it.
 BACKBONES["fmnist"] = Backbone(
     dataset_name="fmnist", family="edm", file_name="fmnist-teacher.pkl", path="assets/fmnist-teacher.pkl",
-    resolution=32, channels=1, label_dim=0, sigma_min=0.006, sigma_max=80.0,
+    resolution=32, channels=1, label_dim=0, sigma_min=PAPER_SIGMA_MIN, sigma_max=EDM_SIGMA_MAX,
     network_kwargs=dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2, 4], num_blocks=2,
                         attn_resolutions=[8], dropout=0.0, augment_dim=0),
     description="built-in DDPM++-style teacher, Fashion-MNIST 32x32 grayscale, unconditional (experiments/train_teacher.py)")

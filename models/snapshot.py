@@ -22,6 +22,23 @@ from .precond import EDM_PRECOND_CLASSES
 FORMAT_NAME = "sfd-snapshot"
 FORMAT_VERSION = "1"
 
+# The settings a distilled snapshot stores (design §5): everything sampling needs, and how it was distilled. A
+# second-stage snapshot also stores its first stage's under "first_stage"; an SFD-v one its "step_condition_range".
+SETTINGS_KEYS = (
+    "dataset_name", "model_source", "num_steps", "M", "afs", "schedule_type", "schedule_rho", "sigma_min",
+    "sigma_max", "use_step_condition", "sampler_tea", "max_order", "predict_x0", "lower_order_final", "thresholding",
+    "is_second_stage", "guidance_type", "guidance_rate",
+)
+
+SFDV_NUM_STEPS = (4, 7)  # SFD-v draws the student's num_steps uniformly from this range (both ends) each iteration
+
+
+def is_sfdv(settings):
+    """An SFD-v model (one model for every num_steps of its range): step-conditioned and not a second stage, whose
+    step condition is its single num_steps."""
+    return bool(settings.get("use_step_condition")) and not settings.get("is_second_stage")
+
+
 # Class name stored in a snapshot -> class. Other backbones add themselves with `register_network_class`.
 NETWORK_CLASSES = dict(EDM_PRECOND_CLASSES)
 

@@ -1,7 +1,8 @@
 """The solver library: schedules, one sampling loop, and a small step rule per solver (design §3-4).
 
-SOLVERS maps the names of the paper's `--sampler_tea` option to the samplers; SOLVER_OPTIONS lists each
-solver's own options with their defaults; nfe_of counts the network calls of a run.
+TABLE is the one solver table: the SPEC of each solver (sampler, NFE per step, own options with their defaults,
+order range) under the names of the paper's `--sampler_tea` option. SOLVERS is its sampler column, the callables
+the teacher and sample.py run; nfe_of counts the network calls of a run.
 """
 
 from . import dpm_2, dpm_solver_pp, euler, heun, ipndm
@@ -13,54 +14,34 @@ from .heun import heun_sampler
 from .ipndm import ipndm_sampler
 from .sampling import sample
 from .schedules import SCHEDULE_TYPES, get_schedule
+from .spec import SolverSpec
 
-SOLVERS = {
-    "euler": euler_sampler,
-    "heun": heun_sampler,
-    "dpm": dpm_2_sampler,
-    "ipndm": ipndm_sampler,
-    "dpmpp": dpm_pp_sampler,
-}
+TABLE = {module.SPEC.name: module.SPEC for module in (euler, heun, dpm_2, ipndm, dpm_solver_pp)}
+SOLVERS = {name: spec.sampler for name, spec in TABLE.items()}
 
-SOLVER_OPTIONS = {
-    "euler": {},
-    "heun": {},
-    "dpm": {"r": 0.5},
-    "ipndm": {"max_order": 4},
-    "dpmpp": {"max_order": 3, "predict_x0": True, "lower_order_final": True, "thresholding": True},
-}
 
-# Allowed max_order of the multistep solvers (what check_order enforces inside them).
-ORDER_RANGE = {"ipndm": ipndm.ORDER_RANGE, "dpmpp": dpm_solver_pp.ORDER_RANGE}
-
-_NFE_PER_STEP = {
-    "euler": euler.NFE_PER_STEP,
-    "heun": heun.NFE_PER_STEP,
-    "dpm": dpm_2.NFE_PER_STEP,
-    "ipndm": ipndm.NFE_PER_STEP,
-    "dpmpp": dpm_solver_pp.NFE_PER_STEP,
-}
+def spec_of(solver_name):
+    """The table's SPEC of a solver; an unknown name is a one-line ValueError listing the known ones."""
+    if solver_name not in TABLE:
+        raise ValueError(f"unknown solver {solver_name!r}; choose one of {', '.join(TABLE)}")
+    return TABLE[solver_name]
 
 
 def nfe_of(solver_name, num_steps, afs=False, denoise_to_zero=False, **options):
-    """Network calls made by SOLVERS[solver_name] over num_steps time points (num_steps - 1 steps).
+    """Network calls made by the solver over num_steps time points (num_steps - 1 steps).
 
     AFS replaces the first call; denoise_to_zero adds one. Classifier-free guidance doubles each call inside the
     network and is not counted here.
     """
-    if solver_name not in SOLVERS:
-        raise ValueError(f"unknown solver {solver_name!r}; choose one of {', '.join(SOLVERS)}")
+    spec = spec_of(solver_name)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
-    unknown = sorted(set(options) - set(SOLVER_OPTIONS[solver_name]))
-    if unknown:
-        raise ValueError(f"solver {solver_name!r} has no option(s) {', '.join(unknown)}; "
-                         f"its options are {sorted(SOLVER_OPTIONS[solver_name]) or 'none'}")
-    return _NFE_PER_STEP[solver_name] * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
+    spec.check_options(options)
+    return spec.nfe(num_steps, afs, denoise_to_zero)
 
 
 __all__ = [
-    "ORDER_RANGE", "SCHEDULE_TYPES", "SOLVERS", "SOLVER_OPTIONS", "afs_slope", "dpm_2_sampler", "dpm_pp_sampler",
-    "dynamic_threshold", "euler_sampler", "euler_step", "get_schedule", "heun_sampler", "ipndm_sampler",
-    "nfe_of", "sample",
+    "SCHEDULE_TYPES", "SOLVERS", "SolverSpec", "TABLE", "afs_slope", "dpm_2_sampler", "dpm_pp_sampler",
+    "dynamic_threshold", "euler_sampler", "euler_step", "get_schedule", "heun_sampler", "ipndm_sampler", "nfe_of",
+    "sample", "spec_of",
 ]

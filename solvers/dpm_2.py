@@ -6,8 +6,7 @@ Under AFS only the first slope is analytical; the evaluation at t_mid still call
 import functools
 
 from .sampling import sample
-
-NFE_PER_STEP = 2
+from .spec import SolverSpec
 
 
 def dpm_2_rule(step, history, r):
@@ -19,13 +18,14 @@ def dpm_2_rule(step, history, r):
     return step.x + (step.t_next - step.t_cur) * d, None
 
 
-def dpm_2_sampler(net, latents, class_labels=None, condition=None, unconditional_condition=None, num_steps=None,
-                  sigma_min=0.002, sigma_max=80, schedule_type="polynomial", schedule_rho=7, afs=False,
-                  denoise_to_zero=False, return_inters=False, step_condition=None, t_steps=None, r=0.5):
-    """DPM-Solver-2 sampler; r in (0, 1] places the intermediate point (0.5 = the original method).
-    The other arguments are those of `solvers.sampling.sample`."""
+def dpm_2_sampler(net, latents, **arguments):
+    """DPM-Solver-2 sampler; its option r in (0, 1] places the intermediate point (SPEC: 0.5, the original
+    method). The other arguments are those of `solvers.sampling.sample`."""
+    options, arguments = SPEC.split(arguments)
+    r = options["r"]
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
         raise ValueError(f"dpm_2_sampler: r must be a number in (0, 1], got {r!r}")
-    return sample(functools.partial(dpm_2_rule, r=float(r)), net, latents, class_labels, condition,
-                  unconditional_condition, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, afs,
-                  denoise_to_zero, return_inters, step_condition, t_steps)
+    return sample(functools.partial(dpm_2_rule, r=float(r)), net, latents, **arguments)
+
+
+SPEC = SolverSpec("dpm", dpm_2_sampler, nfe_per_step=2, options=dict(r=0.5))

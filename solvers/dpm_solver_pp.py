@@ -19,10 +19,12 @@ import math
 
 import torch
 
-from .sampling import check_order, sample
+from .sampling import sample
+from .spec import SolverSpec
 
-NFE_PER_STEP = 1
-ORDER_RANGE = (1, 3)  # allowed max_order
+# Sampling thresholds the data predictions, as the paper's (fp32) sampling does; distillation sets its own default
+# (training.config.DistillConfig.thresholding, off: the paper's fp16 teachers skipped it). Design §4.
+SAMPLING_THRESHOLDING = True
 
 # Imagen's dynamic thresholding percentile (Saharia et al. 2022, §2.3), as in the paper's code.
 THRESHOLD_QUANTILE = 0.995
@@ -76,7 +78,7 @@ def dpm_pp_order(i, num_steps, max_order, lower_order_final):
     return min(max_order, i + 1)
 
 
-def dpm_pp_rule(step, history, max_order, predict_x0, lower_order_final, thresholding=True):
+def dpm_pp_rule(step, history, max_order, predict_x0, lower_order_final, thresholding):
     model = step.d
     if predict_x0:
         model = dynamic_threshold(step.denoised) if thresholding else step.denoised
@@ -87,17 +89,17 @@ def dpm_pp_rule(step, history, max_order, predict_x0, lower_order_final, thresho
     return multistep_update(step.x, models, times, step.t_next, predict_x0), (model, step.t_cur)
 
 
-def dpm_pp_sampler(net, latents, class_labels=None, condition=None, unconditional_condition=None, num_steps=None,
-                   sigma_min=0.002, sigma_max=80, schedule_type="polynomial", schedule_rho=7, afs=False,
-                   denoise_to_zero=False, return_inters=False, step_condition=None, t_steps=None, max_order=3,
-                   predict_x0=True, lower_order_final=True, thresholding=True):
-    """Multistep DPM-Solver++ of order up to max_order (1..3). predict_x0: data (True) or noise (False)
+def dpm_pp_sampler(net, latents, **arguments):
+    """Multistep DPM-Solver++ with the options of SPEC: max_order (1..3); predict_x0: data (True) or noise (False)
     prediction; lower_order_final: drop the order over the last steps; thresholding: pass each data prediction
     through dynamic thresholding, as the paper's code always does (turn it off for data that sits at ±1, e.g.
     black backgrounds, where it shrinks every value). Other arguments: `solvers.sampling.sample`."""
-    max_order = check_order("max_order", max_order, *ORDER_RANGE, "dpm_pp_sampler")
-    rule = functools.partial(dpm_pp_rule, max_order=max_order, predict_x0=bool(predict_x0),
-                             lower_order_final=bool(lower_order_final), thresholding=bool(thresholding))
-    return sample(rule, net, latents, class_labels, condition, unconditional_condition, num_steps, sigma_min,
-                  sigma_max, schedule_type, schedule_rho, afs, denoise_to_zero, return_inters, step_condition,
-                  t_steps)
+    options, arguments = SPEC.split(arguments)
+    rule = functools.partial(dpm_pp_rule, max_order=options["max_order"], predict_x0=bool(options["predict_x0"]),
+                             lower_order_final=bool(options["lower_order_final"]),
+                             thresholding=bool(options["thresholding"]))
+    return sample(rule, net, latents, **arguments)
+
+
+SPEC = SolverSpec("dpmpp", dpm_pp_sampler, nfe_per_step=1, order_range=(1, 3), options=dict(
+    max_order=3, predict_x0=True, lower_order_final=True, thresholding=SAMPLING_THRESHOLDING))

@@ -1,8 +1,7 @@
 """Euler, which is DDIM in the VE form (Song et al. 2021; Karras et al. 2022, §3). One NFE per step."""
 
 from .sampling import Step, as_time, evaluate, make_denoiser, sample
-
-NFE_PER_STEP = 1
+from .spec import SolverSpec
 
 
 def euler_rule(step, history):
@@ -23,10 +22,9 @@ def euler_step(net, x, t_cur, t_next, class_labels=None, condition=None, uncondi
     return x_next
 
 
-def euler_sampler(net, latents, class_labels=None, condition=None, unconditional_condition=None, num_steps=None,
-                  sigma_min=0.002, sigma_max=80, schedule_type="polynomial", schedule_rho=7, afs=False,
-                  denoise_to_zero=False, return_inters=False, step_condition=None, t_steps=None):
+def euler_sampler(net, latents, **arguments):
     """Euler (DDIM) sampler; the arguments are those of `solvers.sampling.sample`."""
-    return sample(euler_rule, net, latents, class_labels, condition, unconditional_condition, num_steps,
-                  sigma_min, sigma_max, schedule_type, schedule_rho, afs, denoise_to_zero, return_inters,
-                  step_condition, t_steps)
+    return sample(euler_rule, net, latents, **arguments)
+
+
+SPEC = SolverSpec("euler", euler_sampler, nfe_per_step=1)

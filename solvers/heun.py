@@ -6,8 +6,7 @@ Under AFS only the first slope is analytical; the correction at t_1 still calls 
 """
 
 from .sampling import sample
-
-NFE_PER_STEP = 2
+from .spec import SolverSpec
 
 
 def heun_rule(step, history):
@@ -17,10 +16,9 @@ def heun_rule(step, history):
     return step.x + h * (0.5 * step.d + 0.5 * d_next), None              # trapezoidal corrector (l. 8)
 
 
-def heun_sampler(net, latents, class_labels=None, condition=None, unconditional_condition=None, num_steps=None,
-                 sigma_min=0.002, sigma_max=80, schedule_type="polynomial", schedule_rho=7, afs=False,
-                 denoise_to_zero=False, return_inters=False, step_condition=None, t_steps=None):
+def heun_sampler(net, latents, **arguments):
     """Heun sampler; the arguments are those of `solvers.sampling.sample`."""
-    return sample(heun_rule, net, latents, class_labels, condition, unconditional_condition, num_steps,
-                  sigma_min, sigma_max, schedule_type, schedule_rho, afs, denoise_to_zero, return_inters,
-                  step_condition, t_steps)
+    return sample(heun_rule, net, latents, **arguments)
+
+
+SPEC = SolverSpec("heun", heun_sampler, nfe_per_step=2)

@@ -12,10 +12,8 @@ order shows on equal steps in t (tests/test_solvers.py measures both).
 
 import functools
 
-from .sampling import check_order, sample
-
-NFE_PER_STEP = 1
-ORDER_RANGE = (1, 4)  # allowed max_order
+from .sampling import sample
+from .spec import SolverSpec
 
 # Adams–Bashforth weights for the newest slope first, and their common denominator.
 ADAMS_BASHFORTH = {
@@ -34,11 +32,11 @@ def ipndm_rule(step, history, max_order):
     return step.x + (step.t_next - step.t_cur) * d, step.d
 
 
-def ipndm_sampler(net, latents, class_labels=None, condition=None, unconditional_condition=None, num_steps=None,
-                  sigma_min=0.002, sigma_max=80, schedule_type="polynomial", schedule_rho=7, afs=False,
-                  denoise_to_zero=False, return_inters=False, step_condition=None, t_steps=None, max_order=4):
-    """iPNDM sampler of order up to max_order (1..4); the other arguments are those of `solvers.sampling.sample`."""
-    max_order = check_order("max_order", max_order, *ORDER_RANGE, "ipndm_sampler")
-    return sample(functools.partial(ipndm_rule, max_order=max_order), net, latents, class_labels, condition,
-                  unconditional_condition, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, afs,
-                  denoise_to_zero, return_inters, step_condition, t_steps)
+def ipndm_sampler(net, latents, **arguments):
+    """iPNDM sampler of order up to max_order (SPEC.order_range; default SPEC.options); the other arguments are
+    those of `solvers.sampling.sample`."""
+    options, arguments = SPEC.split(arguments)
+    return sample(functools.partial(ipndm_rule, **options), net, latents, **arguments)
+
+
+SPEC = SolverSpec("ipndm", ipndm_sampler, nfe_per_step=1, options=dict(max_order=4), order_range=(1, 4))

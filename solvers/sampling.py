@@ -8,7 +8,6 @@ schedule, the analytical first step, the trajectory, denoise_to_zero and the his
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, Callable, Sequence, Tuple
 
 import torch
@@ -132,9 +131,3 @@ def sample(rule: StepRule, net, latents, class_labels=None, condition=None, unco
             trajectory.append(x)
     return torch.stack(trajectory) if return_inters else x
 
-
-def check_order(option, value, lowest, highest, solver):
-    """Solver orders are plain ints in [lowest, highest]; anything else is a one-line ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lowest <= value <= highest:
-        raise ValueError(f"{solver}: {option} must be an int in {lowest}..{highest}, got {value!r}")
-    return int(value)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond, load_network
+from models.loader import build_from_record
 from torch_utils import persistence
 from torch_utils.persistence import PersistentRecord, load_edm_pickle, save_edm_pickle
 from torch_utils.restricted_pickle import RestrictedUnpickler, UnsafePickleError
@@ -107,7 +108,7 @@ def test_other_edm_preconditioners_load_from_pickles(tmp_path, cls):
     net = tiny(cls, **arch)
     path = tmp_path / "net.pkl"
     save_edm_pickle(path, dict(ema=net))
-    built = persistence.build_from_record(load_edm_pickle(path)["ema"])
+    built = build_from_record(load_edm_pickle(path)["ema"])
     assert type(built) is cls
     x = torch.randn(2, 3, 16, 16)
     labels = torch.eye(10)[[0, 9]] if arch is ADM else None
@@ -275,10 +276,10 @@ def test_record_with_wrong_tensors_lists_the_keys(tmp_path):
     record = load_edm_pickle(_saved(tmp_path / "net.pkl", dict(ema=tiny(**SONG))))["ema"]
     bigger = dict(record.init_kwargs, model_channels=32)
     with pytest.raises(ValueError, match="wrong shape"):
-        persistence.build_from_record(PersistentRecord("EDMPrecond", record.module_src, (), bigger, record.state))
+        build_from_record(PersistentRecord("EDMPrecond", record.module_src, (), bigger, record.state))
     extra = dict(record.init_kwargs, augment_dim=0)
     with pytest.raises(ValueError, match="unexpected: model.map_augment.weight"):
-        persistence.build_from_record(PersistentRecord("EDMPrecond", record.module_src, (), extra, record.state))
+        build_from_record(PersistentRecord("EDMPrecond", record.module_src, (), extra, record.state))
 
 
 def _saved(path, data):
@@ -291,5 +292,5 @@ def test_reader_accepts_a_stream():
     net = tiny(**ADM)
     persistence._EDMPickler(buf, protocol=2).dump(dict(ema=net))  # old protocol: bytes via _codecs.encode
     buf.seek(0)
-    built = persistence.build_from_record(load_edm_pickle(buf)["ema"])
+    built = build_from_record(load_edm_pickle(buf)["ema"])
     assert built.state_dict().keys() == net.state_dict().keys()

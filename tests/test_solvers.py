@@ -1,14 +1,13 @@
 """The solver library (design §4): convergence orders on Gaussian data, agreement on a Gaussian mixture, AFS and
 NFE accounting, trajectories, argument forwarding, thresholding, and bad input."""
 
-import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from solvers import (SOLVER_OPTIONS, SOLVERS, afs_slope, dpm_2_sampler, dpm_pp_sampler, dynamic_threshold,
+from solvers import (SOLVERS, TABLE, afs_slope, dpm_2_sampler, dpm_pp_sampler, dynamic_threshold,
                      euler_sampler, euler_step, get_schedule, heun_sampler, ipndm_sampler, nfe_of)
 from solvers.dpm_solver_pp import multistep_update
 
@@ -525,14 +524,23 @@ def test_dpmpp_order_schedule():
 # ---------------------------------------------------------------------------------------------------------------
 # Registry and bad input.
 
-def test_registry_lists_each_solvers_options():
-    common = list(inspect.signature(euler_sampler).parameters)
-    assert common[:3] == ["net", "latents", "class_labels"] and common[-1] == "t_steps"
-    for name, sampler in SOLVERS.items():
-        params = inspect.signature(sampler).parameters
-        assert list(params)[:len(common)] == common
-        own = {k: p.default for k, p in list(params.items())[len(common):]}
-        assert own == SOLVER_OPTIONS[name]
+OTHER_OPTION_VALUE = dict(r=0.3, max_order=2, predict_x0=False, lower_order_final=False, thresholding=False)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_the_tables_option_defaults_are_what_each_sampler_runs(name):
+    """A sampler called without its options runs exactly the table's defaults, and each option reaches the rule
+    (another value changes the samples), so the table cannot say one thing while the samplers run another."""
+    spec = TABLE[name]
+    assert SOLVERS[name] is spec.sampler and spec.name == name
+    net = GaussianDenoiser(mu=3.0, s=0.5)  # data beyond ±1: dynamic thresholding changes the predictions
+    latents = torch.randn(2, 1, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    kw = dict(num_steps=7, sigma_min=0.002, sigma_max=80.0)
+    plain = spec.sampler(net, latents, **kw)
+    assert torch.equal(plain, spec.sampler(net, latents, **kw, **spec.options))
+    for option in spec.options:
+        other = spec.sampler(net, latents, **kw, **dict(spec.options, **{option: OTHER_OPTION_VALUE[option]}))
+        assert not torch.equal(plain, other), option
 
 
 def test_bad_inputs_are_clear_value_errors():

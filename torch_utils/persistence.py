@@ -9,8 +9,8 @@ the source text of its module: each such object is reduced to
 
 and EDM's reader `exec`s that source. Ours does not: a restricted unpickler accepts only the globals such
 files need (tensor/storage rebuild functions, OrderedDict, numpy scalars, torch.nn containers, EasyDict)
-and turns every persistent object into an inert `PersistentRecord`. `build_from_record` then builds OUR
-class with the recorded constructor keywords and copies the recorded tensors in by name, strictly.
+and turns every persistent object into an inert `PersistentRecord`. `models.loader.build_from_record` then
+builds OUR class with the recorded constructor keywords and copies the recorded tensors in by name, strictly.
 
 `save_edm_pickle` writes the same format from our modules (tests, and shipping a built-in teacher).
 """
@@ -135,32 +135,6 @@ def record_tensors(record, prefix=""):
             raise ValueError(f"submodule '{prefix + name}' of the pickle is a {type(child).__name__}, not a module record")
         tensors.update(record_tensors(child, prefix + name + "."))
     return tensors
-
-
-def build_from_record(record, **overrides):
-    """Build our network for an EDM record (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond).
-
-    The recorded constructor keywords are used, updated by `overrides` (e.g. use_step_condition=True,
-    use_fp16=False); then every recorded tensor is copied in by name and shape (see
-    `models.edm.load_state_strict`; SFD-v step layers absent from the record stay freshly initialised).
-    """
-    from models.edm import load_state_strict
-    from models.precond import EDM_PRECOND_CLASSES
-
-    if not isinstance(record, PersistentRecord):
-        raise ValueError(f"expected a PersistentRecord of a network, got {type(record).__name__}")
-    cls = EDM_PRECOND_CLASSES.get(record.class_name)
-    if cls is None:
-        raise ValueError(f"the pickle holds a '{record.class_name}' network; supported: {', '.join(EDM_PRECOND_CLASSES)}")
-    if record.init_kwargs is None or record.init_args is None:
-        raise ValueError(f"the pickled '{record.class_name}' did not record its constructor arguments; cannot rebuild it")
-    kwargs = {**record.init_kwargs, **overrides}
-    try:
-        net = cls(*record.init_args, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"cannot build {record.class_name} from the pickle's constructor arguments: {e}") from None
-    load_state_strict(net, record_tensors(record), source=f"pickled {record.class_name}")
-    return net
 
 
 # ----------------------------------------------------------------------------

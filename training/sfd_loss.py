@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import torch
 
 import solvers
+from models.registry import EDM_SIGMA_MAX, PAPER_SIGMA_MIN
+from models.snapshot import SFDV_NUM_STEPS  # noqa: F401  (the range is a fact of the snapshot format)
+from training.config import DistillConfig
 
-SFDV_NUM_STEPS = (4, 7)  # SFD-v draws the student's num_steps uniformly from this range (both ends) each iteration
 SFDV_TEACHER_M = 3  # SFD-v's teacher points between two student points, for every num_steps of that range
 
 
@@ -35,14 +37,14 @@ def make_distill_schedule(num_steps, M, sigma_min, sigma_max, schedule_type, sch
 class TeacherConfig:
     """How the frozen teacher draws its trajectory."""
 
-    solver: str = "dpmpp"
-    schedule_type: str = "polynomial"
-    schedule_rho: float = 7.0
-    sigma_min: float = 0.006
-    sigma_max: float = 80.0
+    solver: str = DistillConfig.sampler_tea
+    schedule_type: str = DistillConfig.schedule_type
+    schedule_rho: float = DistillConfig.schedule_rho
+    sigma_min: float = PAPER_SIGMA_MIN
+    sigma_max: float = EDM_SIGMA_MAX
     afs: bool = False  # first stage: off; second stage: the first-stage model's own setting
     conditioned: bool = False  # second stage from an SFD-v model: its step condition is the teacher's num_steps
-    solver_options: dict = None  # the solver's own options (solvers.SOLVER_OPTIONS)
+    solver_options: dict = None  # the solver's own options (solvers.TABLE[solver].options)
 
 
 @torch.no_grad()

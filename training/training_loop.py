@@ -49,7 +49,7 @@ def solver_options(sampler_tea, max_order, predict_x0, lower_order_final, thresh
     """The options that the teacher solver takes, from those given (None: the solver's own default)."""
     given = dict(max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
                  thresholding=thresholding)
-    return {k: v for k, v in given.items() if k in solvers.SOLVER_OPTIONS[sampler_tea] and v is not None}
+    return {k: v for k, v in given.items() if k in solvers.TABLE[sampler_tea].options and v is not None}
 
 
 def check_guidance(own, guidance_type, name):

@@ -1,0 +1,50 @@
+"""What the rest of the code knows about a solver, written once next to its step rule (design §4).
+
+Each solver file ends with its `SPEC`: the sampler, the network calls per step, its own options with their
+defaults, and the allowed max_order of the multistep ones. `solvers.TABLE` collects them by the names of the
+paper's `--sampler_tea` option; the samplers take their option defaults from their SPEC, so what the table says is
+what runs.
+"""
+
+import dataclasses
+import numbers
+import types
+from typing import Callable, Mapping, Optional, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverSpec:
+    name: str                                   # the --sampler_tea / --solver name
+    sampler: Callable                           # sampler(net, latents, **sampling arguments, **options)
+    nfe_per_step: int                           # network calls per step
+    options: Mapping = dataclasses.field(default_factory=dict)  # the solver's own options and their defaults
+    order_range: Optional[Tuple[int, int]] = None  # allowed max_order (multistep solvers)
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
+
+    def split(self, kwargs):
+        """(this solver's options with the defaults filled in, the other arguments) of a sampler call."""
+        own = {k: kwargs[k] if k in kwargs else v for k, v in self.options.items()}
+        if self.order_range is not None:
+            own["max_order"] = check_order("max_order", own["max_order"], *self.order_range, self.sampler.__name__)
+        return own, {k: v for k, v in kwargs.items() if k not in self.options}
+
+    def check_options(self, options):
+        """Refuse option names this solver does not have (one line, naming the ones it has)."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(f"solver {self.name!r} has no option(s) {', '.join(unknown)}; "
+                             f"its options are {sorted(self.options) or 'none'}")
+
+    def nfe(self, num_steps, afs=False, denoise_to_zero=False):
+        """Network calls over num_steps time points (num_steps - 1 steps): AFS replaces the first call,
+        denoise_to_zero adds one."""
+        return self.nfe_per_step * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
+
+
+def check_order(option, value, lowest, highest, solver):
+    """Solver orders are plain ints in [lowest, highest]; anything else is a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lowest <= value <= highest:
+        raise ValueError(f"{solver}: {option} must be an int in {lowest}..{highest}, got {value!r}")
+    return int(value)
