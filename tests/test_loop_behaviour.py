@@ -377,3 +377,75 @@ def test_student_is_updated_by_adam_with_the_papers_settings(tiny_teacher_pkl, m
             assert err <= 1e-6 * lr + 1e-7 * float(p0.abs().max()), f"update {t} of parameter {k}: error {err:.2e}"
             checked += int(g.abs().gt(0).sum())
     assert checked > 1000  # the updates exercised many non-zero gradients
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The second stage's LPIPS term (issue 50).
+
+
+class FakeLPIPS(torch.nn.Module):
+    """Stands in for piq.LPIPS (no VGG download): a per-sample distance that depends on both images, recording how
+    it was built and what it was given."""
+
+    built = []
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        FakeLPIPS.built.append(kwargs)
+
+    def forward(self, a, b):
+        return ((a - b) ** 2).mean(dim=(1, 2, 3)) * 3.0
+
+
+@pytest.fixture
+def fake_piq(monkeypatch):
+    import sys
+    import types
+
+    FakeLPIPS.built = []
+    monkeypatch.setitem(sys.modules, "piq", types.SimpleNamespace(LPIPS=FakeLPIPS))
+    return FakeLPIPS.built
+
+
+@pytest.fixture(scope="module")
+def first_stage_snapshot(tiny_teacher_pkl, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("first-stage"))
+    run(tiny_teacher_pkl[0], num_steps=4, run_dir=run_dir)
+    return glob.glob(os.path.join(run_dir, "network-snapshot-*.safetensors"))[0]
+
+
+def test_second_stage_backpropagates_l1_plus_lpips_at_its_last_step(first_stage_snapshot, fake_piq, monkeypatch):
+    rec = Recorder(monkeypatch, grads=True)
+    batch = 4
+    run(first_stage_snapshot, is_second_stage=True, num_steps=4, M=1, batch_size=batch, lpips=True)
+    assert fake_piq == [dict(replace_pooling=True, reduction="none")]  # the paper's piq.LPIPS settings
+    t, t_teacher = t_steps(4), t_steps(7)  # (M+1)(N-1)+1 teacher points
+    student, teacher = rec.role("student"), rec.role("teacher")
+    assert [c["sigma"] for c in student] == pytest.approx(t[1:3], rel=1e-6)  # step 0 is the AFS step
+    # The teacher's last point, the target of the student's last step, from its last network call.
+    last = teacher[-1]
+    target = euler(last["x"], last["sigma"], t_teacher[-1], last["D"])
+
+    # Earlier steps: L1 only, |dLoss/dD| = (t_i - t_{i+1}) / (t_i * batch) everywhere.
+    first = student[0]
+    assert_close(first["grad_D"].abs(), torch.full_like(first["grad_D"], (t[1] - t[2]) / (t[1] * batch)),
+                 "gradient of a step before the last")
+    # The last step: L1 map + the batch-mean LPIPS (of 224² bilinear resizes) added to every element, summed and
+    # divided by the batch; recomputed here with autograd from the student's output.
+    call = student[-1]
+    out = euler(call["x"], t[2], t[3], call["D"]).requires_grad_(True)
+    resize = lambda z: torch.nn.functional.interpolate(z, size=(224, 224), mode="bilinear", align_corners=False)  # noqa: E731
+    lpips = FakeLPIPS()(resize(out), resize(target))
+    loss = ((out - target).abs() + lpips.mean()).sum() / batch
+    (grad_out,) = torch.autograd.grad(loss, out)
+    assert_close(call["grad_D"], grad_out * (t[2] - t[3]) / t[2], "gradient at the last step", rel=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["first", "second without --lpips"])
+def test_no_lpips_term_outside_a_second_stage_that_asks_for_it(tiny_teacher_pkl, first_stage_snapshot, fake_piq,
+                                                               stage):
+    if stage == "first":
+        run(tiny_teacher_pkl[0], num_steps=4, lpips=True)
+    else:
+        run(first_stage_snapshot, is_second_stage=True, num_steps=4, M=1, lpips=False)
+    assert fake_piq == []
