@@ -250,37 +250,15 @@ def test_a_legacy_non_zip_compvis_ckpt_given_as_model_path_loads(tmp_path, monke
     assert torch.equal(net.state_dict()["model.diffusion_model.out.2.weight"], expected)
 
 
-def test_teacher_runs_on_the_ema_weights_and_the_student_starts_from_the_live_ones(tmp_path, monkeypatch):
-    from training import training_loop as loop
-
+def test_loader_gives_the_ema_weights_and_keeps_the_live_ones_for_the_student(tmp_path, monkeypatch):
+    """The loader's network holds the EMA weights (the ones LDM samples with); the live ones travel beside it for
+    the student, which the loop starts from them (tests/test_loop_behaviour.py)."""
     _install(tmp_path, monkeypatch)
     live, ema = reference_parts(TINY_LDM, seed=8), reference_parts(TINY_LDM, seed=9)
     write_ckpt(str(tmp_path / "src" / "tiny_ldm" / "model.ckpt"), compvis_state(TINY_LDM, live, ema_parts=ema))
-    seen = {}
-    real = loop.load_network
-
-    def loading(*args, **kwargs):
-        loaded = real(*args, **kwargs)
-        seen["loaded"] = loaded
-        return loaded
-
-    monkeypatch.setattr(loop, "load_network", loading)
-    started = {}
-    real_iteration = loop.sfd_iteration
-
-    def first_iteration(student, optimizer, teacher, *args, **kwargs):
-        if not started:
-            started["student"] = {k: v.clone() for k, v in student.model.diffusion_model.state_dict().items()}
-            started["teacher"] = {k: v.clone() for k, v in teacher.model.diffusion_model.state_dict().items()}
-        return real_iteration(student, optimizer, teacher, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "sfd_iteration", first_iteration)
-    loop.training_loop(dataset_name="tiny_ldm", batch_size=2, total_kimg=0.002, device="cpu", progress=False,
-                       schedule_type="discrete", schedule_rho=1, sampler_tea="euler", M=1, guidance_type="uncond",
-                       cache_root=str(tmp_path / "src"))
-    for role, source in (("student", live), ("teacher", ema)):
-        expected = source["unet"].state_dict()
-        assert all(torch.equal(started[role][k], expected[k]) for k in expected), role
-    # Sampling the pre-trained model (and the loader's net) keeps the EMA weights.
-    net = load_network("tiny_ldm", cache_root=str(tmp_path / "src")).net
-    assert all(torch.equal(net.model.diffusion_model.state_dict()[k], v) for k, v in ema["unet"].state_dict().items())
+    loaded = load_network("tiny_ldm", cache_root=str(tmp_path / "src"))
+    unet = loaded.net.model.diffusion_model.state_dict()
+    assert all(torch.equal(unet[k], v) for k, v in ema["unet"].state_dict().items())
+    found, _ = loaded.student_unet
+    assert all(torch.equal(found[k], v) for k, v in live["unet"].state_dict().items())
+    assert not torch.equal(unet["out.2.weight"], found["out.2.weight"])

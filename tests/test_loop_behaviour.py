@@ -449,3 +449,38 @@ def test_no_lpips_term_outside_a_second_stage_that_asks_for_it(tiny_teacher_pkl,
     else:
         run(first_stage_snapshot, is_second_stage=True, num_steps=4, M=1, lpips=False)
     assert fake_piq == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which weights the latent teacher and student start from (issue 50).
+
+
+def test_latent_teacher_runs_on_the_ema_weights_and_the_student_on_the_live_ones(tmp_path, monkeypatch):
+    """As the paper's code: a CompVis checkpoint with an EMA gives the teacher the EMA weights (LDM samples with
+    them) and the student the live ones. Read off the networks at their first forward call in the real loop."""
+    from models import BACKBONES
+    from tests.latent_tiny import TINY_LDM, compvis_state, reference_parts, tiny_row, write_ckpt
+
+    monkeypatch.setitem(BACKBONES, "tiny_ldm", tiny_row("tiny_ldm", TINY_LDM))
+    live, ema = reference_parts(TINY_LDM, seed=8), reference_parts(TINY_LDM, seed=9)
+    write_ckpt(str(tmp_path / "src" / "tiny_ldm" / "model.ckpt"), compvis_state(TINY_LDM, live, ema_parts=ema))
+    first_call = {}
+    real = loop.load_network
+
+    def loading(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+
+        def before(module, args):
+            role = "student" if module.training else "teacher"
+            first_call.setdefault(role, {k: v.clone() for k, v in module.state_dict().items()})
+
+        loaded.net.model.diffusion_model.register_forward_pre_hook(before)  # deepcopy carries it to the teacher
+        return loaded
+
+    monkeypatch.setattr(loop, "load_network", loading)
+    training_loop(dataset_name="tiny_ldm", batch_size=2, total_kimg=0.002, device="cpu", progress=False,
+                  schedule_type="discrete", schedule_rho=1, sampler_tea="euler", M=1, guidance_type="uncond",
+                  cache_root=str(tmp_path / "src"))
+    for role, source in (("student", live), ("teacher", ema)):
+        expected = source["unet"].state_dict()
+        assert all(torch.equal(first_call[role][k], expected[k]) for k in expected), role
