@@ -707,3 +707,22 @@ def test_device_index_outside_torchrun_is_kept_as_given(monkeypatch):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no process group is made here
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert distributed.init("cuda:1") == torch.device("cuda", 0)
+
+
+def test_psnr_is_the_mean_over_images_of_10_log10_of_255_squared_over_the_mse():
+    """metrics.images.psnr_uint8 (the built-in benchmark's PSNR and benchmarks/check_equivalence.py's), against values
+    worked out by hand: a uniform error of e gives 20·log10(255/e) dB; the mean is taken over images, in dB."""
+    reference = torch.full([2, 3, 4, 4], 100, dtype=torch.uint8)
+    images = reference.clone()
+    images[0] += 1                           # MSE 1: 20·log10(255) = 48.1308 dB
+    images[1, :, :2] += 10                   # half the pixels off by 10: MSE 50, 10·log10(255²/50) = 31.1411 dB
+    by_hand = (20 * np.log10(255.0) + 10 * np.log10(255.0 ** 2 / 50)) / 2
+    assert image_io.psnr_uint8(images, reference) == pytest.approx(by_hand, abs=1e-9)
+    assert by_hand == pytest.approx((48.1308 + 31.1411) / 2, abs=1e-4)
+    # identical images: the MSE floor of 1e-10 instead of an infinite PSNR
+    assert image_io.psnr_uint8(reference, reference) == pytest.approx(10 * np.log10(255.0 ** 2 / 1e-10), abs=1e-9)
+    # uint8 arithmetic would wrap: 0 against 255 is an error of 255 (0 dB), not of 1.
+    assert image_io.psnr_uint8(torch.zeros([1, 1, 2, 2], dtype=torch.uint8),
+                               torch.full([1, 1, 2, 2], 255, dtype=torch.uint8)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="equal shapes"):
+        image_io.psnr_uint8(images[:1], reference)
