@@ -243,3 +243,35 @@ def test_bad_requests_give_value_errors(tmp_path):
     junk.write_bytes(b"hello world, not a network")
     with pytest.raises(ValueError, match="neither an SFD snapshot"):
         load_network(model_path=str(junk))
+
+
+@pytest.mark.parametrize("dataset_name, use_step_condition", [(None, False), ("cifar10", True)])
+def test_loader_overrides_a_pickles_recorded_settings_and_keeps_the_rest(tmp_path, monkeypatch, dataset_name,
+                                                                        use_step_condition):
+    """An EDM pickle records the network's constructor keywords; the loader must override exactly use_fp16 (fp32
+    weights; autocast decides the precision), the σ range (the paper's: 0.006 for a bare pickle, the table row's
+    for a named dataset; EDM records 0.002) and use_step_condition, and take every other keyword from the file."""
+    import dataclasses
+
+    from models.registry import PAPER_SIGMA_MIN
+
+    if dataset_name:  # a row whose σ range differs from the paper's default, so that using it is visible
+        monkeypatch.setitem(BACKBONES, dataset_name, dataclasses.replace(BACKBONES[dataset_name], sigma_min=0.02,
+                                                                         sigma_max=60.0))
+    recorded = dict(img_resolution=16, img_channels=3, label_dim=0, use_fp16=True, sigma_min=0.002, sigma_max=80.0,
+                    sigma_data=0.5, **SONG_ARCH)
+    torch.manual_seed(0)
+    pkl = str(tmp_path / "edm.pkl")
+    save_edm_pickle(pkl, {"ema": EDMPrecond(**recorded)})
+    loaded = load_network(dataset_name, model_path=pkl, use_step_condition=use_step_condition)
+    net = loaded.net
+    row = BACKBONES[dataset_name] if dataset_name else None
+    want_sigma = (row.sigma_min, row.sigma_max) if row else (PAPER_SIGMA_MIN, 80.0)
+    assert want_sigma[0] != recorded["sigma_min"]  # the override is visible
+    assert (net.sigma_min, net.sigma_max) == want_sigma
+    assert (loaded.settings["sigma_min"], loaded.settings["sigma_max"]) == want_sigma
+    assert net.use_fp16 is False and net.init_kwargs["use_fp16"] is False
+    assert bool(getattr(net, "use_step_condition", False)) is use_step_condition
+    assert any(is_step_layer_key(k) for k in net.state_dict()) is use_step_condition
+    kept = {k: v for k, v in recorded.items() if k not in ("use_fp16", "sigma_min", "sigma_max")}
+    assert {k: net.init_kwargs[k] for k in kept} == kept
