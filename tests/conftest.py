@@ -8,6 +8,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# Tests import diffusers themselves (reference models): torchvision must import first, as models/latent makes it.
+from torch_utils.torchvision_compat import allow_import  # noqa: E402
+
+allow_import()
+
 # Tests never reach the network: downloads must fail fast and clearly.
 os.environ.setdefault("SFD_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny test convolutions run fastest single-threaded on shared cores
@@ -139,12 +144,14 @@ class CallRecorder:
         self.calls = {}
 
     def wrap(self, module, name, replace=None):
+        import functools
         import inspect
 
         real = getattr(module, name)
-        signature = inspect.signature(real)
+        signature = inspect.signature(real)  # follows __wrapped__: a function wrapped twice binds its own names
         calls = self.calls.setdefault(name, [])
 
+        @functools.wraps(real)
         def recording(*args, **kwargs):
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()

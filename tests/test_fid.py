@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import dnnlib
 import fid
 from metrics import detectors, frechet, images as image_io
-from tests.conftest import assert_one_line_refusal, tree
+from tests.conftest import CallRecorder, assert_one_line_refusal, documented_defaults, tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # torch >= 2.10 flags TorchScript as deprecated; it is still the detector file format we accept.
@@ -726,3 +726,103 @@ def test_psnr_is_the_mean_over_images_of_10_log10_of_255_squared_over_the_mse():
                                torch.full([1, 1, 2, 2], 255, dtype=torch.uint8)) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="equal shapes"):
         image_io.psnr_uint8(images[:1], reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every option reaches the code it names, and the defaults --help documents are the ones that run.
+
+
+@pytest.fixture(scope="module")
+def wiring(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fid-wiring")
+    paths = dict(imgs=write_pngs(d / "imgs", random_images(6, seed=5)),
+                 data=write_pngs(d / "data", random_images(7, seed=6)), det=save_detector(d / "tiny.pt"))
+    paths["ref"] = str(d / "ref.npz")
+    r = CliRunner().invoke(fid.main, ["ref", "--data", paths["data"], "--dest", paths["ref"], "--detector",
+                                      paths["det"], "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    return paths
+
+
+def observed_fid(monkeypatch, command, args):
+    rec = CallRecorder(monkeypatch)
+    for name in ("open_images", "get_detector", "compute_stats_or_fail", "read_ref", "frechet_distance", "save_ref"):
+        rec.wrap(fid, name)
+    r = CliRunner().invoke(fid.main, [command] + args)
+    assert r.exit_code == 0, r.output
+    calls = rec.calls
+    (stats,) = calls["compute_stats_or_fail"]
+    seen = {"--detector": calls["get_detector"][0]["spec"], "--cache": calls["get_detector"][0]["cache"],
+            "--device": str(calls["get_detector"][0]["device"]), "--batch": stats["batch"],
+            "--workers": stats["workers"], "images": stats["images"], "output": r.output}
+    if command == "calc":
+        (opened,) = calls["open_images"]
+        (ref,) = calls["read_ref"]
+        (distance,) = calls["frechet_distance"]
+        seen.update({"--images": opened["path"], "--num": opened["num"], "--seed": opened["seed"],
+                     "--ref": ref["ref_path"], "ref cache": ref["cache"], "distance": distance})
+    else:
+        (opened,) = calls["open_images"]
+        (saved,) = calls["save_ref"]
+        seen.update({"--data": opened["path"], "saved": saved})
+    return seen
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ([], {"--num": None, "--seed": 0, "--batch": 64, "--cache": "./src", "ref cache": "./src", "--device": "cpu",
+          "--workers": fid.default_workers()}),
+    (["--num", "4", "--seed", "3"], {"--num": 4, "--seed": 3}),
+    (["--batch", "2", "--workers", "1", "--device", "cpu", "--cache", "elsewhere"],
+     {"--batch": 2, "--workers": 1, "--device": "cpu", "--cache": "elsewhere", "ref cache": "elsewhere"}),
+])
+def test_calc_options_reach_the_computation(wiring, monkeypatch, extra, expected):
+    args = ["--images", wiring["imgs"], "--ref", wiring["ref"], "--detector", wiring["det"]] + extra
+    seen = observed_fid(monkeypatch, "calc", args)
+    assert (seen["--images"], seen["--ref"], seen["--detector"]) == (wiring["imgs"], wiring["ref"], wiring["det"])
+    assert {k: seen[k] for k in expected} == expected
+    # The images' statistics on one side, the --ref file's on the other.
+    images = seen["images"]
+    assert images.path == wiring["imgs"] and len(images) == (extra[1] and int(extra[1]) if "--num" in extra else 6)
+    ref = np.load(wiring["ref"])
+    d = seen["distance"]
+    assert np.array_equal(d["mu2"], ref["mu"]) and np.array_equal(d["sigma2"], ref["sigma"])
+    assert d["mu1"].shape == ref["mu"].shape and not np.array_equal(d["mu1"], ref["mu"])
+
+
+def test_results_line_carries_label_fid_count_and_images(wiring, monkeypatch, tmp_path):
+    results = str(tmp_path / "fid.tsv")
+    base = ["--images", wiring["imgs"], "--ref", wiring["ref"], "--detector", wiring["det"], "--results", results]
+    seen = observed_fid(monkeypatch, "calc", base + ["--num", "5"])
+    observed_fid(monkeypatch, "calc", base + ["--label", "run1"])
+    value = float(re.search(r"FID: (\S+)", seen["output"]).group(1))
+    lines = [line.split("\t") for line in open(results).read().splitlines()]
+    assert lines[0] == [wiring["imgs"], f"{value:.6g}", "5", wiring["imgs"]]  # --label defaults to the --images path
+    assert lines[1][0] == "run1" and lines[1][2:] == ["6", wiring["imgs"]]
+
+
+def test_ref_options_reach_the_computation(wiring, monkeypatch, tmp_path):
+    dest = str(tmp_path / "out.npz")
+    seen = observed_fid(monkeypatch, "ref", ["--data", wiring["data"], "--dest", dest, "--detector", wiring["det"],
+                                             "--batch", "3", "--workers", "1", "--cache", "elsewhere"])
+    assert {k: seen[k] for k in ("--data", "--batch", "--workers", "--cache")} == {
+        "--data": wiring["data"], "--batch": 3, "--workers": 1, "--cache": "elsewhere"}
+    assert seen["saved"]["path"] == dest and len(seen["images"]) == 7
+    saved = np.load(dest)
+    assert np.array_equal(saved["mu"], seen["saved"]["mu"]) and np.array_equal(saved["sigma"], seen["saved"]["sigma"])
+
+
+@pytest.mark.parametrize("command", ["calc", "ref"])
+def test_documented_defaults_are_the_ones_that_run(wiring, monkeypatch, tmp_path, command):
+    documented = documented_defaults(fid.main, command)
+    assert "inception-2015-12-05.pkl" in documented.pop("--detector")  # offline here: see the download tests
+    assert documented.pop("--device") == "cuda if this machine has it, else cpu"
+    args = (["--images", wiring["imgs"], "--ref", wiring["ref"]] if command == "calc" else
+            ["--data", wiring["data"], "--dest", str(tmp_path / "out.npz")])
+    seen = observed_fid(monkeypatch, command, args + ["--detector", wiring["det"]])
+    assert seen["--device"] == "cpu"
+    assert documented.pop("--workers").endswith(f"here {seen['--workers']}")
+    if command == "calc":
+        assert documented.pop("--num") == "all images" and seen["--num"] is None and len(seen["images"]) == 6
+        assert documented.pop("--results") == "none" and "--results" not in seen
+        assert documented.pop("--label") == "the --images path"  # test_results_line_carries_label_...
+    assert {k: str(seen[k]) for k in documented} == documented
