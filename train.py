@@ -34,8 +34,11 @@ from torch_utils import cli
 from torch_utils.cli import CommandError
 from torch_utils import distributed as dist
 from torch_utils.threads import pick_cpu_threads
+from models.snapshot import SFDV_NUM_STEPS
+from training.config import OPTION_NAMES, DistillConfig, OptionError
 from training.precision import PRECISIONS
-from training.sfd_loss import SFDV_NUM_STEPS
+
+D = DistillConfig  # its class attributes are the defaults of the options below: one default for train.py and the loop
 
 def _dataset_names():
     from models import BACKBONES
@@ -45,8 +48,7 @@ def _dataset_names():
 
 def schedule_tag(schedule_type, schedule_rho):
     """The schedule part of an experiment folder name, as the paper's code writes it."""
-    return {"polynomial": f"poly{schedule_rho}", "logsnr": "logsnr", "time_uniform": f"uni{schedule_rho}",
-            "discrete": f"discrete{schedule_rho}"}[schedule_type]
+    return solvers.schedules.SCHEDULE_TAGS[schedule_type].format(rho=schedule_rho)
 
 
 def distilled_nfe(num_steps, afs, guidance_type=None):
@@ -89,49 +91,35 @@ def next_run_dir(outdir, desc):
 
 
 def check_options(opts, world_size):
-    """Raise click.BadParameter for contradictory or out-of-range options (one line each)."""
-    if opts.num_steps < 2:
-        raise click.BadParameter("needs at least 2 time points (1 step)", param_hint="--num_steps")
-    if opts.afs and opts.num_steps < 3 and not opts.is_second_stage:
-        raise click.BadParameter(f"num_steps={opts.num_steps} with --afs=True leaves no network call to train; "
-                                 "use --num_steps >= 3 or --afs=False", param_hint="--num_steps")
-    if opts.is_second_stage and opts.afs and opts.num_steps < 3:
-        raise click.BadParameter("the second stage needs num_steps >= 3 with AFS (1 NFE)", param_hint="--num_steps")
-    order_range = solvers.TABLE[opts.sampler_tea].order_range
-    if opts.max_order is not None and order_range is not None:
-        lo, hi = order_range
-        if not lo <= opts.max_order <= hi:
-            raise click.BadParameter(f"{opts.max_order} is out of range for --sampler_tea={opts.sampler_tea} "
-                                     f"(allowed {lo}..{hi})", param_hint="--max_order")
-    if opts.is_second_stage and not opts.model_path:
-        raise click.BadParameter("the second stage needs --model_path=<a first-stage SFD or SFD-v snapshot>",
-                                 param_hint="--model_path")
-    if not opts.is_second_stage and not opts.dataset_name and not opts.model_path:
-        raise click.BadParameter("give --dataset_name (a built-in backbone) or --model_path (an EDM-format .pkl)",
-                                 param_hint="--dataset_name")
-    if opts.model_path and "://" in opts.model_path:
-        raise click.BadParameter(f"{opts.model_path} is a URL; download the file and pass its local path",
-                                 param_hint="--model_path")
-    if opts.model_path and not os.path.exists(opts.model_path):
-        raise click.BadParameter(f"no such file: {opts.model_path}", param_hint="--model_path")
-    batch_gpu = opts.batch_gpu or opts.batch // max(world_size, 1)
-    if opts.batch % world_size != 0 or batch_gpu == 0 or (opts.batch // world_size) % batch_gpu != 0:
-        raise click.BadParameter(f"--batch={opts.batch} must be divisible by ranks ({world_size}) × --batch-gpu "
-                                 f"({batch_gpu})", param_hint="--batch")
-    if opts.guidance_type == "cfg" and opts.guidance_rate <= 0:
-        raise click.BadParameter("classifier-free guidance needs --guidance_rate > 0", param_hint="--guidance_rate")
-    if opts.guidance_rate != 0 and opts.guidance_type != "cfg":
-        raise click.BadParameter(f"{opts.guidance_rate:g} is a classifier-free guidance weight: it needs "
-                                 "--guidance_type=cfg (Stable Diffusion), or drop it", param_hint="--guidance_rate")
+    """Raise click.BadParameter for contradictory or out-of-range options (one line each): DistillConfig's checks,
+    the batch geometry for world_size ranks, and a built-in backbone's guidance."""
+    try:
+        cfg = DistillConfig(**{key: opts[name] for name, key in option_keys().items()}, device=opts.device)
+        cfg.batch_geometry(world_size)
+    except OptionError as e:
+        raise click.BadParameter(str(e), param_hint=flag_of(e.option)) from None
     if opts.dataset_name and not opts.is_second_stage:
         from models import BACKBONES, NETWORK_CLASSES
-        from training.training_loop import check_guidance
+        from training.teacher import check_guidance
 
         own = getattr(NETWORK_CLASSES[BACKBONES[opts.dataset_name].network_class], "guidance_type", None)
         try:
             check_guidance(own, opts.guidance_type, opts.dataset_name)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--guidance_type") from None
+
+
+def option_keys():
+    """train.py option name -> DistillConfig field, for the options that are fields."""
+    names = (CONFIG_KEYS.get(p.name, p.name) for p in main.params)
+    return {p.name: key for p, key in zip(main.params, names) if key in OPTION_NAMES and key != "device"}
+
+
+def flag_of(field):
+    """The command-line flag of a DistillConfig field."""
+    name = next((name for name, key in option_keys().items() if key == field), field)
+    param = next(p for p in main.params if p.name == name)
+    return next(o for o in param.opts if o.startswith("--"))
 
 
 def find_resume(resume, outdir):
@@ -162,47 +150,47 @@ def _bool(name, default, text):
 @click.option("--outdir", help="Where experiment folders go", metavar="DIR", type=str, default="./exps",
               show_default=True)
 @click.option("--total_kimg", help="Training length in thousands of trajectories", metavar="KIMG",
-              type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+              type=click.FloatRange(min=0, min_open=True), default=D.total_kimg, show_default=True)
 @click.option("--batch", help="Total batch size (trajectories per iteration, all ranks)", metavar="INT",
-              type=click.IntRange(min=1), default=128, show_default=True)
+              type=click.IntRange(min=1), default=D.batch_size, show_default=True)
 @click.option("--batch-gpu", "batch_gpu", help="Per-rank batch per accumulation round  [default: batch/ranks]",
               metavar="INT", type=click.IntRange(min=1), default=None)
 @click.option("--lr", help="Adam learning rate (÷10 after half of total_kimg)", metavar="FLOAT",
-              type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
+              type=click.FloatRange(min=0, min_open=True), default=D.lr, show_default=True)
 @click.option("--num_steps", help="Student time points (steps + 1); NFE = num_steps-2 with AFS, else num_steps-1",
-              metavar="INT", type=int, default=4, show_default=True)
+              metavar="INT", type=int, default=D.num_steps, show_default=True)
 @click.option("--M", "M", help="Teacher points inserted between neighbouring student points", metavar="INT",
-              type=click.IntRange(min=0), default=3, show_default=True)
-@_bool("--afs", True, "Analytical first step: the student's first step calls no network")
-@click.option("--sampler_tea", help="Teacher solver", type=click.Choice(sorted(solvers.SOLVERS)), default="dpmpp",
+              type=click.IntRange(min=0), default=D.M, show_default=True)
+@_bool("--afs", D.afs, "Analytical first step: the student's first step calls no network")
+@click.option("--sampler_tea", help="Teacher solver", type=click.Choice(sorted(solvers.TABLE)), default=D.sampler_tea,
               show_default=True)
 @click.option("--max_order", help="Order of multistep teachers: 1..4 for ipndm, 1..3 for dpmpp  [default: 4 / 3]",
               metavar="INT", type=int, default=None)
-@_bool("--predict_x0", True, "DPM-Solver++: data-prediction formulation")
-@_bool("--lower_order_final", True, "DPM-Solver++: lower the order on the final steps")
-@_bool("--thresholding", False, "DPM-Solver++ teacher: dynamic thresholding of its data predictions. Off, as the "
-       "paper's GPU runs effectively had it (their fp16 teacher made torch.quantile fail and the paper's code then "
-       "skipped it); True applies it, as the paper's code does in fp32")
-@click.option("--schedule_type", help="Time discretisation", type=click.Choice(solvers.SCHEDULE_TYPES), default="polynomial",
-              show_default=True)
+@_bool("--predict_x0", D.predict_x0, "DPM-Solver++: data-prediction formulation")
+@_bool("--lower_order_final", D.lower_order_final, "DPM-Solver++: lower the order on the final steps")
+@_bool("--thresholding", D.thresholding, "DPM-Solver++ teacher: dynamic thresholding of its data predictions. Off "
+       "by default, as the paper's GPU runs effectively had it (their fp16 teacher made torch.quantile fail and the "
+       "paper's code then skipped it); True applies it, as the paper's code does in fp32")
+@click.option("--schedule_type", help="Time discretisation", type=click.Choice(solvers.SCHEDULE_TYPES),
+              default=D.schedule_type, show_default=True)
 @click.option("--schedule_rho", help="Time step exponent (polynomial, time_uniform, discrete)", metavar="FLOAT",
-              type=click.FloatRange(min=0, min_open=True), default=7.0, show_default=True)
-@_bool("--use_step_condition", False, "SFD-v: one model for num_steps {}..{} via a step-condition embedding".format(
-    *SFDV_NUM_STEPS))
-@_bool("--is_second_stage", False, "Second stage: distil a first-stage snapshot (--model_path) to 1 NFE")
+              type=click.FloatRange(min=0, min_open=True), default=D.schedule_rho, show_default=True)
+@_bool("--use_step_condition", D.use_step_condition, "SFD-v: one model for num_steps {}..{} via a step-condition "
+       "embedding".format(*SFDV_NUM_STEPS))
+@_bool("--is_second_stage", D.is_second_stage, "Second stage: distil a first-stage snapshot (--model_path) to 1 NFE")
 @click.option("--model_path", help="Second stage: a first-stage snapshot. First stage: any EDM-format .pkl, or with "
               "an LDM/SD --dataset_name its CompVis checkpoint or diffusers folder",
               metavar="PATH", type=str, default=None)
 @click.option("--guidance_type", help="Guidance of LDM/SD backbones", type=click.Choice(["cfg", "uncond"]),
               default=None)
 @click.option("--guidance_rate", help="Classifier-free guidance weight used when sampling", metavar="FLOAT",
-              type=float, default=0.0, show_default=True)
-@_bool("--lpips", True, "Second stage, EDM backbones: add the LPIPS term on the last step (needs piq + weights)")
+              type=float, default=D.guidance_rate, show_default=True)
+@_bool("--lpips", D.lpips, "Second stage, EDM backbones: add the LPIPS term on the last step (needs piq + weights)")
 @click.option("--precision", help="fp16 (EDM's use_fp16, as the paper), bf16 (autocast) or fp32; mixed precision "
               "runs on CUDA only and falls back to fp32 if the loss turns NaN", type=click.Choice(PRECISIONS),
-              default="fp16", show_default=True)
-@_bool("--channels_last", False, "Run the networks in channels-last memory format")
-@_bool("--compile", False, "torch.compile the teacher and student calls (fixed shapes; first iteration compiles)")
+              default=D.precision, show_default=True)
+@_bool("--channels_last", D.channels_last, "Run the networks in channels-last memory format")
+@_bool("--compile", D.compile, "torch.compile the teacher and student calls (fixed shapes; first iteration compiles)")
 @click.option("--teacher_batch", help="Teacher trajectories per call; > --batch-gpu groups accumulation "
               "rounds (speed), < --batch-gpu splits them (teacher memory)  [default: batch-gpu]", metavar="INT", type=click.IntRange(min=1), default=None)
 @click.option("--captions", help="ms_coco: a local MS-COCO 30k caption CSV instead of the download (same as the "
@@ -211,12 +199,12 @@ def _bool(name, default, text):
 @click.option("--desc", help="String appended to the experiment folder name", metavar="STR", type=str, default=None)
 @click.option("--nosubdir", help="Write into --outdir itself instead of a numbered sub-folder", is_flag=True)
 @click.option("--tick", help="Status line / stats interval in kimg", metavar="KIMG",
-              type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+              type=click.FloatRange(min=0, min_open=True), default=D.kimg_per_tick, show_default=True)
 @click.option("--snap", help="Snapshot every this many ticks  [default: only at the end]", metavar="TICKS",
               type=click.IntRange(min=1), default=None)
 @click.option("--dump", help="Dump training state every this many ticks (for resuming)  [default: never]",
               metavar="TICKS", type=click.IntRange(min=1), default=None)
-@_bool("--bench", True, "Enable cuDNN benchmarking")
+@_bool("--bench", D.cudnn_benchmark, "Enable cuDNN benchmarking")
 @click.option("--device", help="Device  [default: cuda if available, else cpu]", metavar="STR", type=str,
               default=None)
 @click.option("--resume", help="Continue an interrupted run: its experiment number or a training-state-*.pt dump "
@@ -338,15 +326,15 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
         return
 
     from training.perceptual import PerceptualUnavailable
-    from training.training_loop import training_loop
+    from training.training_loop import load_teacher, training_loop
 
     cpu_threads = pick_cpu_threads() if torch.device(c.device).type == "cpu" else None
 
     def open_run_dir():
-        """Called by the loop once the network has loaded, so a failed load leaves no folder behind and prints no
-        options for a run that never starts."""
+        """Once the network has loaded, so a failed load leaves no folder behind and prints no options for a run
+        that never starts."""
         if dist.get_rank() != 0:
-            return None
+            return
         os.makedirs(run_dir, exist_ok=nosubdir or resume_state is not None)
         dnnlib.util.write_atomic(os.path.join(run_dir, "training_options.json"), json.dumps(c, indent=2))
         dnnlib.util.tee_stdout(os.path.join(run_dir, "log.txt"))
@@ -354,11 +342,12 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
         if cpu_threads is not None and cpu_threads[0] < cpu_threads[1]:
             dist.print0(f"CPU threads: {cpu_threads[0]} of {cpu_threads[1]} cores; {cpu_threads[2]:.1f} were busy with "
                         "other work at the start (OMP_NUM_THREADS=N chooses).")
-        return run_dir
 
     try:
-        loop_options = {k: v for k, v in c.items() if k not in RECORD_ONLY_OPTIONS}
-        training_loop(run_dir=open_run_dir, resume_state=resume_state, **loop_options)
+        cfg = DistillConfig(**{k: v for k, v in c.items() if k not in RECORD_ONLY_OPTIONS})
+        loaded = load_teacher(cfg, torch.device(cfg.device))
+        open_run_dir()
+        training_loop(run_dir=run_dir, resume_state=resume_state, loaded=loaded, **vars(cfg))
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:
         raise CommandError(str(e) or type(e).__name__) from None
     finally:

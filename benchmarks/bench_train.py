@@ -152,7 +152,12 @@ class LoopProbe:
 
 def parse_loop_kwargs(pairs, loop_fn):
     """--loop_kwarg NAME=VALUE pairs (VALUE as JSON, else a string), each a keyword training_loop accepts."""
-    accepted = {n for n, p in inspect.signature(loop_fn).parameters.items() if p.kind is not p.VAR_KEYWORD}
+    from training.config import OPTION_NAMES
+
+    params = inspect.signature(loop_fn).parameters
+    accepted = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted |= set(OPTION_NAMES)  # training_loop(**options): the fields of DistillConfig
     out = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")

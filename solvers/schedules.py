@@ -7,7 +7,9 @@ import math
 
 import torch
 
-SCHEDULE_TYPES = ("polynomial", "logsnr", "time_uniform", "discrete")
+# The schedule types, each with the tag an experiment folder gives it (as the paper's code names its folders).
+SCHEDULE_TAGS = {"polynomial": "poly{rho}", "logsnr": "logsnr", "time_uniform": "uni{rho}", "discrete": "discrete{rho}"}
+SCHEDULE_TYPES = tuple(SCHEDULE_TAGS)
 
 # Smallest VP time of DPM-Solver's "time_uniform" schedule (Lu et al. 2022, §5).
 VP_EPS_S = 1e-3

@@ -4,6 +4,7 @@ fp16 GPU runs skipped it), the DPM-Solver++ baselines of sample.py with it (the 
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import sample
@@ -39,6 +40,28 @@ def test_sample_dpmpp_baseline_thresholding_default_on(tmp_path, tiny_teacher_pk
     assert r.exit_code == 0, r.output
     assert len(threshold_calls) == (5 if expected else 0)  # 6 time points: 5 data predictions
     assert len(list(tmp_path.rglob("*.png"))) == 2
+
+
+def test_training_loop_from_python_distils_as_train_py_does_with_the_same_options(tmp_path, tiny_teacher_pkl,
+                                                                                   threshold_calls):
+    """One default per option (training.config.DistillConfig): training_loop() given only the options written on
+    train.py's command line trains the same student, with the same teacher (no thresholding), and stores the same
+    settings."""
+    from models import load_snapshot
+    from training.training_loop import training_loop
+
+    pkl, _ = tiny_teacher_pkl
+    r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), "--model_path", pkl, "--batch", "4",
+                                        "--total_kimg", "0.004", "--seed", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    (snapshot,) = tmp_path.glob("*/network-snapshot-*.safetensors")
+    net, settings = load_snapshot(str(snapshot))
+    assert settings["thresholding"] is False and threshold_calls == []
+    res = training_loop(model_path=pkl, batch_size=4, total_kimg=0.004, seed=1, device="cpu", progress=False)
+    assert threshold_calls == []  # the loop's teacher runs without thresholding too
+    assert res.settings == settings
+    for key, value in net.state_dict().items():
+        assert torch.equal(res.net.state_dict()[key], value), key
 
 
 def test_train_help_says_why_thresholding_is_off():

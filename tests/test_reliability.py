@@ -107,7 +107,7 @@ def test_nan_loss_falls_back_at_the_next_iteration_without_a_stall(tiny_teacher_
     the teacher work (not at a tick). On CUDA that check reads the flag that iteration 2 published behind a CUDA
     event (one iteration of lag, no pipeline drain); on a CPU it reads the flag itself."""
     from training import precision
-    from training import training_loop as loop_module
+    from training import sfd_iteration as iteration_module
 
     pkl, _ = tiny_teacher_pkl
     real = sfd_loss.l1_loss
@@ -118,7 +118,7 @@ def test_nan_loss_falls_back_at_the_next_iteration_without_a_stall(tiny_teacher_
         out = real(a, b)
         return out * float("nan") if len(calls) == 4 else out  # one NaN loss, first step of iteration 2
 
-    real_seen, real_fall_back = precision.NonFiniteWatch.seen, loop_module.fall_back
+    real_seen, real_fall_back = precision.NonFiniteWatch.seen, iteration_module.fall_back
 
     def seen(watch, now=False):
         result = real_seen(watch, now=now)
@@ -131,7 +131,7 @@ def test_nan_loss_falls_back_at_the_next_iteration_without_a_stall(tiny_teacher_
 
     monkeypatch.setattr(sfd_loss, "l1_loss", poisoned)
     monkeypatch.setattr(precision.NonFiniteWatch, "seen", seen)
-    monkeypatch.setattr(loop_module, "fall_back", fall_back)
+    monkeypatch.setattr(iteration_module, "fall_back", fall_back)
     res = training_loop(model_path=pkl, batch_size=4, total_kimg=0.016, seed=0, device=device, progress=False,
                         lr=1e-3, kimg_per_tick=1, mixed_on_cpu=True)
     assert "continuing in fp32" in capsys.readouterr().out

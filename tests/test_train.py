@@ -581,11 +581,11 @@ def test_eta_leaves_out_the_first_iterations_one_time_cost(monkeypatch, capsys):
     (kernel selection, allocations, compilation) does not stretch the estimate for the whole run."""
     import types
 
-    from training import training_loop as loop_module
+    from training import ticks
 
     clock = [1000.0]
-    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(time=lambda: clock[0]))
-    log = loop_module.TickLog(4, torch.device("cpu"), total_kimg=0.1, cur_nimg=0, stats_file=None,
+    monkeypatch.setattr(ticks, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    log = ticks.TickLog(4, torch.device("cpu"), total_kimg=0.1, cur_nimg=0, stats_file=None,
                               start_time=1000.0, progress=False)
     for i, seconds in enumerate([30.0, 1.0, 1.0, 1.0]):  # batch 10: the first iteration takes 30 s, then 1 s each
         clock[0] += seconds

@@ -112,3 +112,18 @@ def broadcast_module(module, src=0):
         return
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src=src)
+
+
+def check_ranks_in_sync(net):
+    """Every rank must hold the same weights (DDP averages gradients; any drift is a bug): compare per-tensor
+    float64 sums and sums of squares across ranks and stop with an error on a mismatch."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        local = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in net.parameters()])
+    gathered = [torch.zeros_like(local) for _ in range(get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    worst = max((g - gathered[0]).abs().max().item() for g in gathered)
+    if worst != 0:
+        raise RuntimeError(f"ranks hold different weights (max checksum difference {worst:g})")
+    print0(f"Ranks in sync: {get_world_size()} ranks hold identical weights.")

@@ -16,8 +16,13 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import distributed as dist
 
 DUMP_PATTERN = "training-state-*.pt"
+
+
+def dump_path(run_dir, cur_nimg):
+    return os.path.join(run_dir, f"training-state-{cur_nimg // 1000:06d}.pt")
 
 
 def capture_rng(device):
@@ -97,3 +102,37 @@ def remove_stale_temporaries(run_dir):
     """Temporary files left by a killed run (its writes go to `name.tmpPID` and are renamed when complete)."""
     for path in glob.glob(os.path.join(run_dir, "*.tmp*")) + glob.glob(os.path.join(run_dir, ".*.tmp*")):
         os.remove(path)
+
+
+def resume(path, net, optimizer, step_rng, mode, device, run_dir, stats_file):
+    """Load a training-state dump into the run; returns (cur_nimg, cur_tick)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    state = load_training_state(path)
+    net.load_state_dict(state["net"])
+    optimizer.load_state_dict(state["optimizer"])  # carries the current LR, i.e. the LR phase
+    restore_step_rng(step_rng, state["step_rng"])
+    if not state["use_mixed"]:
+        mode.fall_back_to_fp32()
+    if len(state["rank_rng"]) == world:
+        restore_rng(state["rank_rng"][rank], device)
+    else:
+        dist.print0(f"Note: the dump was written by {len(state['rank_rng'])} ranks and this run has {world}: "
+                    f"the per-rank random streams (latents) start afresh instead of continuing.")
+    if run_dir:
+        remove_stale_temporaries(run_dir)
+        trim_stats(stats_file, state["cur_nimg"] / 1000)
+    dist.print0(f"Resuming from {path} at {state['cur_nimg'] / 1000:g} kimg (tick {state['cur_tick']}).")
+    return state["cur_nimg"], state["cur_tick"]
+
+
+def dump_state(run_dir, net, optimizer, cur_nimg, cur_tick, step_rng, mode, device):
+    """Write a resumable training state (rank 0), with every rank's random streams."""
+    rank_rng = [capture_rng(device)]
+    if dist.is_distributed():
+        rank_rng = [None] * dist.get_world_size()
+        torch.distributed.all_gather_object(rank_rng, capture_rng(device))
+    if dist.get_rank() == 0 and run_dir:
+        save_training_state(
+            dump_path(run_dir, cur_nimg), net=net, optimizer=optimizer,
+            cur_nimg=cur_nimg, cur_tick=cur_tick, step_rng=step_rng, use_mixed=mode.mixed, rank_rng=rank_rng)
+    dist.barrier()
