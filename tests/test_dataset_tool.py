@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from tests.conftest import assert_one_line_refusal, tree
+from tests.conftest import assert_one_line_refusal, documented_defaults, tree
 from training.dataset import DatasetError, load_image_dataset
 
 
@@ -244,3 +244,17 @@ def test_real_script_refuses_in_one_line_with_exit_code_2(tmp_path):
     lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
     assert lines[-1] == "Error: Invalid value for --dest: folder full is not empty; give an empty or new folder, or a .zip"
     assert all(line.startswith(("Usage: ", "Try '")) for line in lines[:-1]), p.stderr
+
+
+def test_documented_defaults_are_the_ones_that_run(tmp_path, monkeypatch):
+    """Without --source, --split and --max-images: the folder default_source() finds (Debian's package, else the
+    download cache, as --help says), the train split, every image."""
+    documented = documented_defaults(dataset_tool.main, "fmnist")
+    assert documented == {"--source": f"{dataset_tool.FMNIST_DEBIAN_DIR} when installed, else downloaded once into "
+                                      f"./{dataset_tool.FMNIST_CACHE_DIR}/", "--split": "train", "--max-images": "all"}
+    made = make_source(tmp_path / "idx", num_train=6, num_test=3)
+    asked = []
+    monkeypatch.setattr(dataset_tool, "default_source", lambda: asked.append(1) or str(tmp_path / "idx"))
+    assert run_tool(f"--dest={tmp_path / 'out.zip'}").exit_code == 0
+    data = load_image_dataset(str(tmp_path / "out.zip"))
+    assert asked == [1] and data.labels.tolist() == made["train"][1].tolist()
