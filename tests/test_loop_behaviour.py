@@ -484,3 +484,40 @@ def test_latent_teacher_runs_on_the_ema_weights_and_the_student_on_the_live_ones
     for role, source in (("student", live), ("teacher", ema)):
         expected = source["unet"].state_dict()
         assert all(torch.equal(first_call[role][k], expected[k]) for k in expected), role
+
+
+def test_non_finite_gradients_reach_adam_as_zero_and_plus_minus_1e5(tiny_teacher_pkl, monkeypatch):
+    """design §5: gradients go through nan_to_num (nan → 0, ±inf → ±1e5) before the optimizer step."""
+    real = loop.load_network
+
+    def loading(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+
+        def poison(grad):
+            grad = grad.clone()
+            grad.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+            return grad
+
+        def arm(module, args):  # the student's first call: its parameters now require gradients
+            first = next(module.parameters())
+            if module.training and not getattr(first, "_poisoned", False):
+                first.register_hook(poison)
+                first._poisoned = True
+
+        loaded.net.register_forward_pre_hook(arm)
+        return loaded
+
+    monkeypatch.setattr(loop, "load_network", loading)
+    seen = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        grad = self.param_groups[0]["params"][0].grad
+        seen.append(grad.view(-1)[:4].clone())
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    result = run(tiny_teacher_pkl[0], num_steps=3, afs=True)
+    assert len(seen) == 1
+    assert seen[0][:3].tolist() == [0.0, 1e5, -1e5] and torch.isfinite(seen[0][3])
+    assert all(torch.isfinite(p).all() for p in result.net.parameters())
