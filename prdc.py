@@ -6,7 +6,7 @@ import torch
 from fid import check_detector, common_options, default_workers, get_detector, open_images
 from metrics.detectors import iterate_features, one_line
 from metrics.images import ImageSourceError
-from metrics.prdc import compute_prdc, gather_rows
+from metrics.prdc import NEAREST_K, compute_prdc, gather_rows
 from torch_utils import cli
 from torch_utils import distributed as dist
 
@@ -37,7 +37,7 @@ def main():
               help="Folder (searched recursively) or zip of generated PNG/JPG images.")
 @click.option("--images_ref", "ref_path", required=True, metavar="DIR|ZIP",
               help="Folder or zip of reference (real) PNG/JPG images.")
-@click.option("--nearest_k", type=click.IntRange(min=1), default=5, show_default=True, metavar="INT",
+@click.option("--nearest_k", type=click.IntRange(min=1), default=NEAREST_K, show_default=True, metavar="INT",
               help="k of the k-nearest-neighbour balls.")
 @click.option("--num", type=click.IntRange(min=2), default=10000, show_default=True, metavar="INT",
               help="At most this many images per side, drawn at random with --seed.")

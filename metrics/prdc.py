@@ -48,7 +48,10 @@ def knn_sq_radii(x, k, block_rows=None):
     return out
 
 
-def compute_prdc(real_features, fake_features, nearest_k=5, block_rows=None):
+NEAREST_K = 5  # k of the k-NN balls: Naeem et al.'s choice, and the paper's prdc.py (prdc.py calc's default)
+
+
+def compute_prdc(real_features, fake_features, nearest_k=NEAREST_K, block_rows=None):
     """dict(precision, recall, density, coverage) as Python floats."""
     real = torch.as_tensor(real_features).to(torch.float64)
     fake = torch.as_tensor(fake_features, device=real.device).to(torch.float64)
