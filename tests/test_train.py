@@ -633,3 +633,116 @@ def test_train_py_on_a_busy_cpu_uses_the_free_cores_and_says_so(tmp_path, tiny_t
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every train.py option reaches the loop as the setting it names, and --help's defaults are the ones that run
+# (issue 50). The loop and the network load are replaced by recorders: what is checked is what train.py hands them.
+
+# Options that are not settings of the run: where it goes, how it is named, what to resume, a dry run, captions
+# (handed to the loaded network, tests/test_sd.py).
+NOT_SETTINGS = {"outdir", "desc", "nosubdir", "resume", "dry_run", "captions"}
+
+WIRING = [
+    (["--total_kimg", "3"], dict(total_kimg=3.0)),
+    (["--batch", "8", "--batch-gpu", "2"], dict(batch_size=8, batch_gpu=2)),
+    (["--lr", "1e-3"], dict(lr=1e-3)),
+    (["--num_steps", "5", "--M", "2", "--afs", "False"], dict(num_steps=5, M=2, afs=False)),
+    (["--sampler_tea", "ipndm", "--max_order", "2"], dict(sampler_tea="ipndm", max_order=2)),
+    (["--predict_x0", "False"], dict(predict_x0=False)),
+    (["--lower_order_final", "False"], dict(lower_order_final=False)),
+    (["--thresholding", "True"], dict(thresholding=True)),
+    (["--schedule_type", "logsnr", "--schedule_rho", "3"], dict(schedule_type="logsnr", schedule_rho=3.0)),
+    (["--use_step_condition", "True"], dict(use_step_condition=True)),
+    (["--is_second_stage", "True", "--lpips", "False"], dict(is_second_stage=True, lpips=False)),
+    (["--guidance_type", "cfg", "--guidance_rate", "2.5"], dict(guidance_type="cfg", guidance_rate=2.5)),
+    (["--precision", "bf16"], dict(precision="fp32")),  # mixed precision on CUDA only: the run says what runs
+    (["--channels_last", "True", "--compile", "True", "--teacher_batch", "2", "--bench", "False"],
+     dict(channels_last=True, compile=True, teacher_batch=2, cudnn_benchmark=False)),
+    (["--seed", "7", "--tick", "0.5", "--snap", "3", "--dump", "2"],
+     dict(seed=7, kimg_per_tick=0.5, snapshot_ticks=3, state_dump_ticks=2)),
+    (["--device", "cpu", "--model_path", "{other}"], dict(device="cpu", model_path="{other}")),
+]
+
+
+@pytest.fixture
+def handed_to_the_loop(tmp_path, tiny_teacher_pkl, monkeypatch):
+    """Run train.py with the given options; return the settings the loop received."""
+    import training.training_loop as loop
+
+    received = []
+    monkeypatch.setattr(loop, "load_teacher", lambda cfg, device: (dnnlib.EasyDict(net=torch.nn.Identity()),))
+    monkeypatch.setattr(loop, "training_loop", lambda **kwargs: received.append(kwargs))
+    other = tmp_path / "other.pkl"
+    other.write_bytes(open(tiny_teacher_pkl[0], "rb").read())
+
+    def run(args):
+        args = [a.replace("{other}", str(other)) for a in args]
+        r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path / "exps"), "--model_path", tiny_teacher_pkl[0],
+                                            "--nosubdir", *args])
+        assert r.exit_code == 0, r.output
+        (kwargs,) = received[-1:]
+        return {k: v for k, v in kwargs.items() if k not in ("run_dir", "resume_state", "loaded", "progress")}
+
+    run.other = str(other)
+    return run
+
+
+@pytest.mark.parametrize("args, expected", WIRING, ids=[" ".join(a[::2]) for a, _ in WIRING])
+def test_each_option_reaches_the_loop_as_its_setting(handed_to_the_loop, args, expected):
+    expected = {k: (handed_to_the_loop.other if v == "{other}" else v) for k, v in expected.items()}
+    received = handed_to_the_loop(args)
+    defaults = handed_to_the_loop([])
+    assert {k: received[k] for k in expected} == expected
+    changed = {k for k in received if received[k] != defaults[k] and k != "seed"}
+    assert changed <= set(expected), f"{args} also changed {changed - set(expected)}"
+
+
+def test_every_option_is_in_the_wiring_table():
+    named = {train.CONFIG_KEYS.get(p.name, p.name) for p in train.main.params} - NOT_SETTINGS
+    tested = set().union(*(e.keys() for _, e in WIRING)) | {"dataset_name"}  # dataset_name: test_sample/test_sd
+    assert named - tested == set(), "add these train.py options to WIRING"
+
+
+# The paper's train.py defaults for the settings our train.py keeps as the paper has them (its --tick 10, --snap 10
+# and --dump 50 are ours 1, the end and never; thresholding: tests/test_defaults.py).
+PAPER_TRAIN_DEFAULTS = dict(total_kimg=200, use_step_condition=False, is_second_stage=False, num_steps=4,
+                            sampler_tea="dpmpp", M=3, guidance_rate=0, schedule_type="polynomial", schedule_rho=7,
+                            afs=True, predict_x0=True, lower_order_final=True, batch_size=128, lr=5e-5,
+                            cudnn_benchmark=True)
+
+
+def test_documented_defaults_are_the_ones_that_run(handed_to_the_loop):
+    import dataclasses
+
+    from tests.conftest import documented_defaults
+    from training.config import DistillConfig
+
+    own_defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    received = handed_to_the_loop([])
+    assert {k: received[k] for k in PAPER_TRAIN_DEFAULTS} == PAPER_TRAIN_DEFAULTS
+    documented = documented_defaults(train.main)
+    # Rules rather than values: what the loop receives says the same.
+    assert documented.pop("--outdir") == "./exps"
+    assert documented.pop("--batch-gpu") == "batch/ranks" and received["batch_gpu"] is None
+    assert documented.pop("--teacher_batch") == "batch-gpu" and received["teacher_batch"] is None
+    assert documented.pop("--max_order") == "4 / 3" and received["max_order"] is None
+    assert [solvers_default("ipndm"), solvers_default("dpmpp")] == [4, 3]
+    assert documented.pop("--seed") == "random" and isinstance(received["seed"], int)
+    assert documented.pop("--snap") == "only at the end" and received["snapshot_ticks"] is None
+    assert documented.pop("--dump") == "never" and received["state_dump_ticks"] is None
+    assert documented.pop("--device") == "cuda if available, else cpu" and received["device"] == "cpu"
+    assert documented.pop("--precision") == "fp16" and own_defaults["precision"] == "fp16"
+    assert received["precision"] == "fp32"  # on this CPU machine
+    for flag, text in documented.items():
+        field = train.CONFIG_KEYS.get(flag.lstrip("-").replace("-", "_"), flag.lstrip("-"))
+        value = received[field]
+        read = float(text) if isinstance(value, (int, float)) and not isinstance(value, bool) else text
+        assert read == (value if read is not text else str(value)), (flag, text, value)
+        assert value == own_defaults[field], (flag, value)  # train.py and training_loop() from Python agree
+
+
+def solvers_default(name):
+    import solvers
+
+    return solvers.TABLE[name].options["max_order"]
