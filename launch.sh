@@ -9,13 +9,16 @@
 #   bash launch.sh sd         # 2-step (4-NFE under guidance) SFD on Stable Diffusion v1.5 (ms_coco)
 #   bash launch.sh sample     # 50k images from experiment EXP (default 0)
 #   bash launch.sh sample_sd  # 30k MS-COCO images (caption of row = seed) from SD experiment EXP; PROMPT for one prompt
+#   bash launch.sh clip       # CLIP score (OpenCLIP ViT-g-14) of the sample_sd images IMAGES against their captions
 #   bash launch.sh sample_v   # 50k images from an SFD-v experiment at NUM_STEPS (default 4)
 #   bash launch.sh fid        # FID of IMAGES against REF
 #   bash launch.sh prdc       # precision/recall/density/coverage of IMAGES against IMAGES_REF
 #   bash launch.sh fmnist     # the built-in Fashion-MNIST teacher on the CPU: distil, grid, FID (= quickstart.sh)
 #
 # Environment: GPUS (processes; default: the visible CUDA devices, 1 without any), DATASET (default cifar10), EXP,
-# MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF, PROMPT; DRY=1 prints the command instead of running it.
+# MODEL, NUM_STEPS, IMAGES, REF, IMAGES_REF, PROMPT, CAPTIONS (sd, sample_sd, clip: a local copy of the MS-COCO 30k
+# caption CSV instead of the download; the older SFD_COCO_CAPTIONS is read too); DRY=1 prints the command instead of
+# running it.
 # One process runs as plain `python`; several run under torchrun, after train.py has checked its options for that
 # many ranks (--dry-run). Bad input ends in one line and exit code 2, before anything starts.
 # "num_steps" counts time points (steps + 1); AFS saves the first network call, so num_steps=4 with AFS is 2 NFE.
@@ -25,7 +28,7 @@ cd "$(dirname "$0")"
 usage() { sed -n '2,/^set -euo pipefail/{/^#/p}' "$0"; }
 case "${1:-help}" in
 help | -h | --help) usage; exit 0 ;;
-sfd | sfdv | stage2 | ldm | bedroom | sd | sample_sd | sample | sample_v | fid | prdc | fmnist) ;;
+sfd | sfdv | stage2 | ldm | bedroom | sd | sample_sd | clip | sample | sample_v | fid | prdc | fmnist) ;;
 *) echo "launch.sh: unknown recipe '$1'; choose one of the recipes below" >&2; usage >&2; exit 2 ;;
 esac
 
@@ -39,6 +42,7 @@ fi
 [[ "${NUM_STEPS:-4}" =~ ^[0-9]+$ ]] || fail "NUM_STEPS=$NUM_STEPS is not a whole number"
 [[ "${EXP:-0}" =~ ^[0-9]+$ ]] || [ -e "${EXP}" ] || fail "EXP=$EXP is neither an experiment number nor a path"
 DATASET=${DATASET:-cifar10}
+CAPTIONS=${CAPTIONS:-${SFD_COCO_CAPTIONS:-}}  # handed to the scripts as an option; they never read the environment
 maybe() { if [ -n "${DRY:-}" ]; then echo "$@"; else "$@"; fi; }
 
 # Our scripts end bad input with exit code 2; under torchrun they also leave it here, and launch.sh keeps it.
@@ -106,20 +110,27 @@ bedroom)
     ;;
 sd)
     # Stable Diffusion v1.5: random MS-COCO captions, guidance 1 while training, 7.5 stored for sampling; NFE doubles
-    # under classifier-free guidance. Only the U-Net is fine-tuned (SFD_COCO_CAPTIONS=/path/to.csv for a local CSV).
+    # under classifier-free guidance. Only the U-Net is fine-tuned (CAPTIONS=/path/to.csv for a local caption CSV).
     $RUN train.py \
         --dataset_name="ms_coco" --total_kimg=200 --batch=128 --batch-gpu=8 --lr=5e-5 \
         --num_steps=4 --M=3 --afs=True --sampler_tea="dpmpp" --max_order=2 --predict_x0=True --lower_order_final=True \
         --schedule_type="discrete" --schedule_rho=1 --guidance_type="cfg" --guidance_rate=7.5 \
-        --use_step_condition=False --is_second_stage=False
+        --use_step_condition=False --is_second_stage=False ${CAPTIONS:+--captions="$CAPTIONS"}
     ;;
 sample_sd)
     # MS-COCO 30k for FID/CLIP score (row = seed of the caption CSV), or PROMPT for a grid of one prompt
     if [ -n "${PROMPT:-}" ]; then
         $RUN sample.py --dataset_name=ms_coco --model_path="${EXP:-0}" --seeds='0-15' --batch=16 --grid --prompt="$PROMPT"
     else
-        $RUN sample.py --dataset_name=ms_coco --model_path="${EXP:-0}" --seeds='0-29999' --batch=32
+        $RUN sample.py --dataset_name=ms_coco --model_path="${EXP:-0}" --seeds='0-29999' --batch=32 \
+            ${CAPTIONS:+--captions="$CAPTIONS"}
     fi
+    ;;
+clip)
+    # CLIP score of sample_sd's images (image SEED.png against caption row SEED; sample.py prints where they went)
+    need IMAGES "path/to/the/sample_sd/images (e.g. samples/ms_coco/euler_step4_nfe4)"
+    $RUN clip_score.py calc --images="$IMAGES" --model=ViT-g-14 --pretrained=laion2b_s34b_b88k \
+        ${CAPTIONS:+--prompts="$CAPTIONS"}
     ;;
 sample)
     # 50k images for FID from the latest snapshot of experiment EXP

@@ -14,7 +14,10 @@ OUT=${OUT:-exps/quickstart}
 
 echo "== 1/4 install (the CPU wheel of torch 2.13 unless a torch is already installed)"
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -r requirements.txt -r experiments/requirements.txt  # the second: the benchmark's plots
+# The second file: the benchmark's plots. The constraint keeps the torch just checked (open-clip-torch brings torchvision,
+# whose newest release would otherwise pull the index's newest torch, a CUDA build, over a CPU one).
+python -m pip install -q -r requirements.txt -r experiments/requirements.txt \
+    -c <(python -c 'import torch; print("torch==" + torch.__version__)')
 # Real Fashion-MNIST images for the two tests of the shipped detector and teacher: Debian's offline package, where
 # apt-get is there and this runs as root (elsewhere those two tests say skipped, and why).
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ]; then

@@ -203,6 +203,21 @@ def check_captions_cover(net, seeds, prompt):
         raise CommandError(e) from None
 
 
+def record_captions(net, seeds, prompt, outdir):
+    """A text model's images: the caption each seed is sampled with goes beside them ({outdir}/captions.csv, merged
+    with an earlier run's seeds), so that clip_score.py can check that it pairs every image with its own caption."""
+    if not hasattr(net, "captions_for_seeds"):
+        return
+    from models.latent.text import SEED_CAPTIONS_FILE, record_seed_captions
+
+    texts = [prompt] * len(seeds) if prompt is not None else net.captions_for_seeds(seeds)
+    os.makedirs(outdir, exist_ok=True)
+    try:
+        record_seed_captions(os.path.join(outdir, SEED_CAPTIONS_FILE), dict(zip(seeds, texts)))
+    except ValueError as e:  # an unreadable record left by an earlier run
+        raise click.BadParameter(f"{e}; remove it or give another folder", param_hint="--outdir") from None
+
+
 def guidance_note(settings, net):
     """A snapshot distilled with classifier-free guidance settings on a network that has none (possible with an
     EDM teacher): the images are sampled without guidance, and the run says so."""
@@ -335,8 +350,8 @@ def _optional_bool(name, text, default=None):
 @click.option("--schedule_rho", help="Pre-trained models only: schedule exponent", metavar="FLOAT", type=float)
 @click.option("--sigma_min", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
 @click.option("--sigma_max", help="Pre-trained models only  [default: the backbone's]", metavar="FLOAT", type=float)
-@click.option("--captions", help="ms_coco: a local MS-COCO 30k caption CSV instead of the download (same as the "
-              "SFD_COCO_CAPTIONS environment variable)", metavar="CSV", type=str, default=None)
+@click.option("--captions", help="ms_coco: a local copy of the MS-COCO 30k caption CSV (row = seed) instead of the "
+              "download", metavar="CSV", type=str, default=None)
 @click.option("--fid_ref", help="Compute FID in-process against these statistics (NPZ or URL)", metavar="NPZ")
 @click.option("--detector", help="Feature network for --fid_ref  [default: NVIDIA Inception-v3]", metavar="PATH")
 @click.option("--precision", help="fp32 (as the paper samples), fp16 (EDM's use_fp16) or bf16 (autocast); mixed "
@@ -362,8 +377,6 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         cli.check_input_file(model_path, "--model_path")
     if model_path is None and opts.dataset_name is None:
         raise click.BadParameter("give --model_path or --dataset_name", param_hint="--model_path")
-    if opts.captions is not None:
-        os.environ["SFD_COCO_CAPTIONS"] = os.path.abspath(opts.captions)  # read by models/latent/loading.py
     from models import load_network
 
     try:
@@ -376,6 +389,8 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
                                  param_hint="--dataset_name")
     net = loaded.net
     check_model_takes(net, opts)
+    if opts.captions is not None:
+        net.use_caption_file(opts.captions)
     cfg = resolve_sampling(loaded, opts)
     check_schedule(cfg, net)
     check_captions_cover(net, seeds, opts.prompt)
@@ -388,6 +403,8 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
         outdir = default_outdir(loaded, model_path, cfg, nfe)
     if save_images:
         cli.check_output_dir(outdir, "--outdir")
+    if save_images and not grid and dist.get_rank() == 0:
+        record_captions(net, seeds, opts.prompt, outdir)
     mode = RunMode(opts.precision, device, [net])
     prepare_module(net, channels_last=opts.channels_last)
     net_fn = maybe_compile(net, opts.compile)

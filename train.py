@@ -193,8 +193,8 @@ def _bool(name, default, text):
 @_bool("--compile", D.compile, "torch.compile the teacher and student calls (fixed shapes; first iteration compiles)")
 @click.option("--teacher_batch", help="Teacher trajectories per call; > --batch-gpu groups accumulation "
               "rounds (speed), < --batch-gpu splits them (teacher memory)  [default: batch-gpu]", metavar="INT", type=click.IntRange(min=1), default=None)
-@click.option("--captions", help="ms_coco: a local MS-COCO 30k caption CSV instead of the download (same as the "
-              "SFD_COCO_CAPTIONS environment variable)", metavar="CSV", type=str, default=None)
+@click.option("--captions", help="ms_coco: a local copy of the MS-COCO 30k caption CSV instead of the download (may "
+              "be given with --resume)", metavar="CSV", type=str, default=None)
 @click.option("--seed", help="Random seed  [default: random]", metavar="INT", type=int, default=None)
 @click.option("--desc", help="String appended to the experiment folder name", metavar="STR", type=str, default=None)
 @click.option("--nosubdir", help="Write into --outdir itself instead of a numbered sub-folder", is_flag=True)
@@ -216,6 +216,8 @@ def _bool(name, default, text):
 def main(**kwargs):
     opts = dnnlib.EasyDict(kwargs)
     cli.check_output_dir(opts.outdir, "--outdir")
+    if opts.captions is not None:
+        cli.check_input_file(opts.captions, "--captions")
     cli.check_device(opts.device)
     if opts.resume is not None:
         run_dir, dump = find_resume(opts.resume, opts.outdir)
@@ -235,15 +237,13 @@ def main(**kwargs):
         if done_nimg >= c.total_kimg * 1000:
             raise click.BadParameter(f"{run_dir} is finished ({done_nimg / 1000:g} of {c.total_kimg:g} kimg): "
                                      "nothing to resume; its final snapshot is in that folder", param_hint="--resume")
-        return run_training(c, run_dir, resume_state=dump, dry_run=opts.dry_run, device=opts.device)
+        return run_training(c, run_dir, resume_state=dump, dry_run=opts.dry_run, device=opts.device,
+                            captions=opts.captions)
     if opts.dataset_name is not None and opts.dataset_name not in _dataset_names():
         raise click.BadParameter(f"unknown dataset {opts.dataset_name!r}; choose one of {', '.join(_dataset_names())}",
                                  param_hint="--dataset_name")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     check_options(opts, world_size)
-    if opts.captions is not None:
-        cli.check_input_file(opts.captions, "--captions")
-        os.environ["SFD_COCO_CAPTIONS"] = os.path.abspath(opts.captions)  # read by models/latent/loading.py
 
     device = dist.init(opts.device)
     if opts.seed is None:
@@ -254,7 +254,7 @@ def main(**kwargs):
 
     c = run_config(opts, device, dist.get_world_size())
     run_dir = opts.outdir if opts.nosubdir else next_run_dir(opts.outdir, run_name(opts))
-    return run_training(c, run_dir, dry_run=opts.dry_run, nosubdir=opts.nosubdir)
+    return run_training(c, run_dir, dry_run=opts.dry_run, nosubdir=opts.nosubdir, captions=opts.captions)
 
 
 def run_config(opts, device, world_size):
@@ -278,8 +278,9 @@ def run_config(opts, device, world_size):
 # train.py options named otherwise in training_options.json
 CONFIG_KEYS = dict(batch="batch_size", batch_gpu="batch_gpu", tick="kimg_per_tick", snap="snapshot_ticks",
                    dump="state_dump_ticks", bench="cudnn_benchmark")
-# The options that --resume takes beside itself: where to find the run, where to run it, and the dry run.
-RESUME_OPTIONS = ("resume", "outdir", "device", "dry_run")
+# The options that --resume takes beside itself: where to find the run, where to run it, where its caption file lies,
+# and the dry run.
+RESUME_OPTIONS = ("resume", "outdir", "device", "captions", "dry_run")
 
 
 def check_resume_options(ctx, given_config, run):
@@ -305,8 +306,9 @@ def check_resume_options(ctx, given_config, run):
 RECORD_ONLY_OPTIONS = ("world_size", "fp16")
 
 
-def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, device=None):
-    """Print the options, then train into run_dir (created only once the network has loaded)."""
+def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, device=None, captions=None):
+    """Print the options, then train into run_dir (created only once the network has loaded); a text-to-image
+    network draws its training captions from `captions` (None: the MS-COCO download)."""
     if resume_state is not None:
         device = dist.init(device or c.get("device"))
         c.device = str(device)
@@ -346,6 +348,9 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
     try:
         cfg = DistillConfig(**{k: v for k, v in c.items() if k not in RECORD_ONLY_OPTIONS})
         loaded = load_teacher(cfg, torch.device(cfg.device))
+        net = loaded[0].net  # (loaded network, teacher settings...)
+        if captions is not None and hasattr(net, "use_caption_file"):
+            net.use_caption_file(captions)  # the student and the teacher copy share it
         open_run_dir()
         training_loop(run_dir=run_dir, resume_state=resume_state, loaded=loaded, **vars(cfg))
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:

@@ -24,6 +24,9 @@ from benchmarks import common  # noqa: E402
 def diffusers_unet(state, resolution, widths, levels_with_attention, num_blocks, channels_per_head):
     """diffusers' UNet2DModel with the architecture of `models.unet.OpenAIUNet`, loaded strictly from tensors
     under the released file's keys (`state`) by a key map."""
+    from torch_utils.torchvision_compat import allow_import
+
+    allow_import()  # diffusers imports torchvision, whose index wheel fails to import beside a CPU-only torch
     from diffusers import UNet2DModel
 
     levels = len(levels_with_attention)

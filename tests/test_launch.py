@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 
 
 def launch(*args, **env):
-    base = {k: v for k, v in os.environ.items() if k not in ("GPUS", "DRY")}
+    base = {k: v for k, v in os.environ.items() if k not in ("GPUS", "DRY", "CAPTIONS", "SFD_COCO_CAPTIONS")}
     return subprocess.run(["bash", os.path.join(ROOT, "launch.sh"), *args], capture_output=True, text=True,
                           env=dict(base, **env), timeout=120)
 
@@ -44,12 +44,28 @@ def test_process_count_defaults_to_the_visible_gpus_or_one():
     ("stage2", {}, "launch.sh stage2: set MODEL=path/to/the/first-stage/network-snapshot-*.safetensors"),
     ("fid", {}, "launch.sh fid: set IMAGES="),
     ("prdc", dict(IMAGES="a"), "launch.sh prdc: set IMAGES_REF="),
+    ("clip", {}, "launch.sh clip: set IMAGES="),
     ("ldm", {}, "launch.sh ldm: set DATASET=lsun_bedroom_ldm or DATASET=ffhq_ldm"),
 ])
 def test_bad_settings_are_one_line_with_exit_code_2(tmp_path, recipe, env, message):
     result = launch(recipe, DRY="1", **env)
     assert result.returncode == 2 and result.stderr.strip().startswith(message), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+def test_clip_scores_sample_sd_images_and_captions_travel_as_options():
+    """`clip` runs clip_score.py (under torchrun for several processes) with the paper's OpenCLIP model; CAPTIONS (or
+    the older SFD_COCO_CAPTIONS) reaches sd, sample_sd and clip as an option, never through the environment."""
+    clip = launch("clip", DRY="1", GPUS="2", IMAGES="samples/ms_coco/x", CAPTIONS="caps.csv")
+    assert clip.returncode == 0, clip.stderr
+    assert clip.stdout.split() == ["torchrun", "--standalone", "--nproc_per_node=2", "clip_score.py", "calc",
+                                   "--images=samples/ms_coco/x", "--model=ViT-g-14", "--pretrained=laion2b_s34b_b88k",
+                                   "--prompts=caps.csv"]
+    assert "--prompts" not in launch("clip", DRY="1", GPUS="1", IMAGES="x").stdout  # default: the download
+    for recipe in ("sd", "sample_sd"):
+        for env in (dict(CAPTIONS="caps.csv"), dict(SFD_COCO_CAPTIONS="caps.csv")):
+            assert launch(recipe, DRY="1", GPUS="1", **env).stdout.rstrip().endswith("--captions=caps.csv"), recipe
+        assert "--captions" not in launch(recipe, DRY="1", GPUS="1").stdout
 
 
 def test_several_processes_check_train_options_before_torchrun_and_keep_exit_code_2(tmp_path):
@@ -74,3 +90,4 @@ def test_every_recipe_in_the_help_runs_and_the_help_ends_where_the_header_ends()
     for recipe in recipes:  # recipes that need an input say so and exit 2; none is unknown
         result = launch(recipe, DRY="1", GPUS="1", MODEL="m.safetensors", IMAGES="a", REF="r.npz", IMAGES_REF="b")
         assert "unknown recipe" not in result.stderr, recipe
+    assert "clip" in recipes

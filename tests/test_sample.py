@@ -429,12 +429,7 @@ def refusal_run(tiny_teacher_pkl, tmp_path, monkeypatch):
         assert may_load or not loads, "the network was loaded before the refusal"
         return r
 
-    saved = os.environ.get("SFD_COCO_CAPTIONS")  # --captions sets it in this process: later tests must not see it
-    yield run
-    if saved is None:
-        os.environ.pop("SFD_COCO_CAPTIONS", None)
-    else:
-        os.environ["SFD_COCO_CAPTIONS"] = saved
+    return run
 
 
 REFUSED_BEFORE_LOADING = [

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import dnnlib
 from models import BACKBONES, load_network, load_snapshot
 from models.latent.checkpoints import unet_compvis_name
+from models.latent.text import SEED_CAPTIONS_FILE, captions_by_seed
 from models.latent.precond import TextToImagePrecond
 from tests.conftest import DEVICES, convolution_dtypes
 from tests.latent_tiny import (TINY_SD, TINY_SD_DIFFUSERS_UNET, compvis_state, first_stage_compvis, reference_parts,
@@ -143,10 +144,11 @@ def test_captions_by_seed_and_for_training(installed, monkeypatch):
     assert cond.shape == (4, 77, 24) and uncond is None  # training runs with guidance 1 (no unconditional half)
     assert all(not torch.allclose(cond[i], cond[j]) for i in range(4) for j in range(i))  # distinct captions
     local = write_captions(str(cache.parent / "mine.csv"), n=5)  # a local caption file instead of the download
-    monkeypatch.setenv("SFD_COCO_CAPTIONS", local)
     fresh = load_network(NAME, cache_root=str(cache)).net
+    fresh.use_caption_file(local)
     with pytest.raises(ValueError, match="5 rows"):
         fresh.captions_for_seeds([5])
+    assert net.captions_for_seeds([39]) == ["the cat number 39"]  # another network keeps the download
 
 
 def test_without_weights_ms_coco_fails_fast_naming_file_urls_and_folder(tmp_path):
@@ -190,16 +192,29 @@ def test_sfd_training_and_sampling_end_to_end(tmp_path, installed, parts, monkey
     a, b = (np.asarray(PIL.Image.open(f"{d}/000000/000001.png")) for d in ("prompt", "seeded"))
     assert a.shape == b.shape == (16, 16, 3)
     assert not np.array_equal(a, b)  # same seed, different text: the caption of row 1 was used
+    # Beside the images, the caption each seed was sampled with (clip_score.py checks its pairing against it).
+    assert captions_by_seed(f"prompt/{SEED_CAPTIONS_FILE}") == {0: "the cat", 1: "the cat"}
+    assert captions_by_seed(f"seeded/{SEED_CAPTIONS_FILE}") == {0: "a b c 0", 1: "the cat number 1"}
 
     # --captions: a local caption file (row = seed) instead of the cached download.
-    monkeypatch.delenv("SFD_COCO_CAPTIONS", raising=False)  # the CLI sets it; restored after the test
     with open("mine.csv", "w") as f:
-        f.write("image_id,id,text\n0,1,a red bus\n1,2,a red bus\n")
+        f.write("image_id,id,text\n0,1,a red bus\n1,2,a red bus\n2,3,a blue bus\n")
     local = CliRunner().invoke(sample.main, ["--model_path", "0", "--seeds", "0-1", "--batch", "2", "--device", "cpu",
                                              "--outdir", "local", "--captions", "mine.csv"])
     assert local.exit_code == 0, local.output
     c = np.asarray(PIL.Image.open("local/000000/000001.png"))
     assert not np.array_equal(b, c)
+    more = CliRunner().invoke(sample.main, ["--model_path", "0", "--seeds", "2", "--device", "cpu", "--outdir",
+                                            "local", "--captions", "mine.csv"])
+    assert more.exit_code == 0, more.output  # a second run into the folder adds its seeds to the record
+    assert captions_by_seed(f"local/{SEED_CAPTIONS_FILE}") == {0: "a red bus", 1: "a red bus", 2: "a blue bus"}
+
+    # train.py --captions reaches the training loop, which loads the network and draws its captions from that file.
+    with open("one.csv", "w") as f:
+        f.write("image_id,id,text\n0,1,a red bus\n")
+    one = CliRunner().invoke(train.main, base + ["--guidance_type", "cfg", "--guidance_rate", "7.5", "--captions",
+                                                 "one.csv"])
+    assert one.exit_code == 2 and "cannot draw 2 distinct captions from 1" in one.output, one.output
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,14 +8,18 @@
     loading.py      the loader family 'latent': where the files are, and building a network from them
 
 Importing this package registers the family with models.loader and the two network classes with the
-snapshot format. diffusers / transformers are imported only when a first stage or text encoder is built.
+snapshot format. diffusers / transformers are imported only when a first stage or text encoder is built; both
+import torchvision, made importable first where its wheel does not match a CPU-only torch (torch_utils).
 """
+
+from torch_utils.torchvision_compat import allow_import
 
 from ..loader import register_family
 from .loading import build_latent, load_config
 from .precond import LatentDiffusionPrecond, TextToImagePrecond
 from ..unet import LatentUNet
 
+allow_import()
 register_family("latent", build_latent, finds_files=True)
 
 __all__ = ["LatentDiffusionPrecond", "LatentUNet", "TextToImagePrecond", "build_latent", "load_config"]

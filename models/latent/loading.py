@@ -7,8 +7,8 @@
 
 Files live in `{cache_root}/{dataset_name}/`; a present file is never fetched again; offline, the error names
 the file, its URL and that folder. Extra files: the VQ-f4 checkpoint (only when model.ckpt lacks the first
-stage), the CLIP tokenizer (vocab.json, merges.txt) for single-file SD, and the MS-COCO caption CSV
-(`SFD_COCO_CAPTIONS=/path/to.csv` points at a local copy instead).
+stage), the CLIP tokenizer (vocab.json, merges.txt) for single-file SD, and the MS-COCO caption CSV (a local copy is
+given explicitly: `net.use_caption_file(path)`, from a command's --captions).
 """
 
 import copy
@@ -29,7 +29,6 @@ from .text import PromptEncoder, build_text_encoder, load_text_weights
 from ..edm import is_step_layer_key
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-CAPTIONS_ENV = "SFD_COCO_CAPTIONS"
 
 
 def load_config(spec):
@@ -90,11 +89,14 @@ def load_prompt_encoder(config, base, dataset_name):
     return read_parts(config, _base_again(base, dataset_name), _row(dataset_name), want=("text",))["text"]
 
 
-def caption_file(base, dataset_name):
-    if os.environ.get(CAPTIONS_ENV):
-        path = os.environ[CAPTIONS_ENV]
+def caption_file(base, dataset_name, path=None):
+    """The caption CSV of a text-to-image backbone: `path` when given (a command's --captions, handed over by
+    use_caption_file), else the table row's download, cached in {cache_root}/{dataset_name}/ (offline, the error names
+    the file, its URL and that folder). The one place that knows where the caption file comes from; its format is
+    models/latent/text.py's."""
+    if path:
         if not os.path.isfile(path):
-            raise ValueError(f"{CAPTIONS_ENV}={path} is not a file")
+            raise ValueError(f"the caption file {path} is not a file")
         return path
     if base.get("captions") and os.path.isfile(base["captions"]):
         return base["captions"]

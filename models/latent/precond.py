@@ -16,6 +16,7 @@ checkpoint named in `base` (on first use when a snapshot is rebuilt) and are sha
 """
 
 import copy
+import os
 
 import torch
 
@@ -40,6 +41,7 @@ class _FrozenParts:
         self.first_stage = None
         self.prompts = None
         self.captions = None
+        self.caption_path = None  # None: the download (see loading.caption_file)
         self.uncond = {}
 
     def modules(self):
@@ -224,12 +226,17 @@ class TextToImagePrecond(LatentDiffusionPrecond):
             uncond = self._empty_prompt(condition.device).expand(len(prompts), -1, -1)
         return condition, uncond
 
+    def use_caption_file(self, path):
+        """Read the captions from this CSV (a command's --captions) instead of the MS-COCO download."""
+        self._frozen.caption_path = os.path.abspath(path) if path else None
+        self._frozen.captions = None
+
     def _captions(self):
         if self._frozen.captions is None:
             from .loading import caption_file
             from .text import read_captions
 
-            self._frozen.captions = read_captions(caption_file(self.base, self.dataset_name))
+            self._frozen.captions = read_captions(caption_file(self.base, self.dataset_name, self._frozen.caption_path))
         return self._frozen.captions
 
     @torch.no_grad()

@@ -72,16 +72,54 @@ class PromptEncoder:
         return self.encoder(input_ids=tokens).last_hidden_state.float()
 
 
+SEED_CAPTIONS_FILE = "captions.csv"  # sample.py's record in its output folder: the caption each seed was sampled with
+
+
 def read_captions(path):
-    """The 'text' column of the MS-COCO 30k caption CSV (text2image-benchmark), in file order."""
+    """The 'text' column of the MS-COCO 30k caption CSV (text2image-benchmark), in file order: row i is the caption of
+    seed i."""
+    return _read_rows(path, "text")[1]
+
+
+def captions_by_seed(path):
+    """{seed: caption} of a caption CSV: keyed by its 'seed' column where it has one (sample.py's record,
+    SEED_CAPTIONS_FILE), else by row (the MS-COCO file: row i for seed i)."""
+    fields, texts, seeds = _read_rows(path, "text", optional="seed")
+    if seeds is None:
+        return dict(enumerate(texts))
+    try:
+        keys = [int(s) for s in seeds]
+    except ValueError:
+        raise ValueError(f"{path}: its 'seed' column holds something that is not a whole number") from None
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{path} lists a seed twice")
+    return dict(zip(keys, texts))
+
+
+def record_seed_captions(path, captions):
+    """Add {seed: caption} to the record at `path` (created if absent; a seed already there takes the new caption),
+    written atomically, sorted by seed."""
+    import dnnlib
+
+    merged = captions_by_seed(path) if os.path.isfile(path) else {}
+    merged.update(captions)
+    with dnnlib.util.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["seed", "text"])
+        writer.writerows(sorted(merged.items()))
+
+
+def _read_rows(path, column, optional=None):
+    """(fieldnames, values of `column`, values of `optional` or None if the file lacks it) of a CSV with a header."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or "text" not in reader.fieldnames:
-                raise ValueError(f"{path} has no 'text' column (columns: {reader.fieldnames})")
-            captions = [row["text"] for row in reader]
-    except OSError as e:
+            if not reader.fieldnames or column not in reader.fieldnames:
+                raise ValueError(f"{path} has no '{column}' column (columns: {reader.fieldnames})")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"cannot read the caption file {path}: {e}") from None
-    if not captions:
+    if not rows:
         raise ValueError(f"the caption file {path} has no rows")
-    return captions
+    extra = [row[optional] for row in rows] if optional and optional in reader.fieldnames else None
+    return reader.fieldnames, [row[column] for row in rows], extra
