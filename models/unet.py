@@ -137,30 +137,30 @@ class CrossAttention(nn.Module):
         return self.to_out(h.transpose(1, 2).reshape(b, n, inner))
 
 
-class GEGLU(nn.Module):
-    def __init__(self, dim_in, dim_out):
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+class GatedMLP(nn.Module):
+    """A transformer block's position-wise MLP with a GELU gate: one linear map widens each token to a value half
+    and a gate half (mult * dim each), value * gelu(gate) is narrowed back to dim.
 
-    def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+    Parameter names are the checkpoints': the widening map is `net.0.proj` (value rows, then gate rows), the
+    narrowing one `net.2`; `net.1` is the dropout between them and holds no parameters."""
 
-
-class FeedForward(nn.Module):
     def __init__(self, dim, mult=4, dropout=0.0):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+        width = dim * mult
+        widen = nn.ModuleDict(dict(proj=nn.Linear(dim, 2 * width)))
+        self.net = nn.ModuleList([widen, nn.Dropout(dropout), nn.Linear(width, dim)])
 
     def forward(self, x):
-        return self.net(x)
+        widen, dropout, narrow = self.net
+        value, gate = widen["proj"](x).chunk(2, dim=-1)
+        return narrow(dropout(value * F.gelu(gate)))
 
 
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim, heads, dim_head, context_dim, dropout=0.0):
         super().__init__()
         self.attn1 = CrossAttention(dim, heads, dim_head, dropout=dropout)
-        self.ff = FeedForward(dim, dropout=dropout)
+        self.ff = GatedMLP(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, heads, dim_head, context_dim=context_dim, dropout=dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
