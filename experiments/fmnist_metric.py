@@ -33,7 +33,8 @@ if REPO not in sys.path:
 
 import solvers  # noqa: E402
 from dnnlib.util import atomic_path, write_atomic  # noqa: E402
-from experiments.fmnist_table import file_id, run_sampler  # noqa: E402
+from experiments.table.rows import file_id  # noqa: E402
+from experiments.table.scoring import run_sampler  # noqa: E402
 from torch_utils.cli import machine_name  # noqa: E402
 from metrics.detectors import compute_features, load_detector  # noqa: E402
 from metrics.frechet import FeatureStats, frechet_distance, load_ref, save_ref  # noqa: E402

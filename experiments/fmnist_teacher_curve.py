@@ -22,7 +22,7 @@ if REPO not in sys.path:
 
 from dnnlib.util import write_atomic  # noqa: E402
 from experiments.fmnist_metric import REF_SEED0, ImageCache, fid, num_steps_for, stats_of  # noqa: E402
-from experiments.fmnist_table import run_sampler  # noqa: E402
+from experiments.table.scoring import run_sampler  # noqa: E402
 from torch_utils.cli import machine_name  # noqa: E402
 from metrics.detectors import load_detector  # noqa: E402
 from metrics.frechet import load_ref  # noqa: E402

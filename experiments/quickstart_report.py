@@ -21,7 +21,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)  # run as a script from anywhere
 
 import solvers  # noqa: E402
-from experiments.fmnist_table import ASSETS, Scorer, run_sampler  # noqa: E402
+from experiments.table.scoring import Scorer, run_sampler  # noqa: E402
 from metrics.detectors import load_detector  # noqa: E402
 from metrics.frechet import load_ref  # noqa: E402
 from models import load_network  # noqa: E402
@@ -29,6 +29,7 @@ from sample import latest_snapshot_in  # noqa: E402
 from torch_utils.cli import CommandError  # noqa: E402
 from training.precision import full_fp32, prepare_module  # noqa: E402
 
+ASSETS = os.path.join(REPO, "assets")
 BASELINE_NFE = 5
 
 

@@ -2,9 +2,11 @@
 distillation from its dump, and the work folder's rules."""
 
 import builtins
+import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,7 +17,12 @@ import torch
 from click.testing import CliRunner
 
 from experiments import fmnist_metric, fmnist_table
+from experiments.table import plots, report, runs
+from experiments.table.rows import WorkFolder, file_id
 from tests.conftest import ROOT, build_tiny_edm, write_edm_pickle
+from torch_utils.cli import CommandError
+from training import state as train_state
+from training import training_loop as loop
 
 DATA_REF = os.path.join(ROOT, "assets", "fmnist-train-ref.npz")
 DETECTOR = os.path.join(ROOT, "assets", "fmnist-detector.pt")
@@ -36,6 +43,65 @@ def read_rows(work):
 
 def run(args):
     return CliRunner().invoke(fmnist_table.main, args)
+
+
+@contextlib.contextmanager
+def killed_at_dump(count, run_name=""):
+    """Inside: a run whose folder's path holds `run_name` writes its `count`-th training-state dump and is then
+    killed (a KeyboardInterrupt, as from Ctrl-C; click's command exits 1). Yields the dumps' paths as written."""
+    real_save, dumps = train_state.save_training_state, []
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        if run_name in str(a[0]):
+            dumps.append(a[0])
+            if len(dumps) == count:
+                raise KeyboardInterrupt(f"killed after dump {count}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_state, "save_training_state", save_then_die)
+        yield dumps
+
+
+@contextlib.contextmanager
+def recorded_sfdv_draws(drawn):
+    """Inside: the student lengths SFD-v's training loop draws are appended to `drawn`."""
+    real_draw = loop.draw_sfdv_num_steps
+
+    def record(step_rng):
+        drawn.append(real_draw(step_rng))
+        return drawn[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "draw_sfdv_num_steps", record)
+        yield drawn
+
+
+# An SFD-v run of 6 kimg in ticks of two iterations of 512 (ending at 1.024, 2.048, ... 6.144 kimg), a dump every
+# tick; its folder is named sfdv-6kimg.
+SFDV_6KIMG = ["--rows", "sfdv", "--kimg_v", "6", "--batch", "512", "--tick", "1", "--dump_every", "1"]
+
+
+def stop_sfdv_run(tiny, work, drawn):
+    """Start the 6-kimg SFD-v run in `work` with no snapshot before tick 100, and kill it after its third dump."""
+    with recorded_sfdv_draws(drawn), killed_at_dump(3):
+        r = run(tiny + ["--workdir", str(work), "--out", str(work) + ".md"] + SFDV_6KIMG + ["--curve_v_every", "100"])
+    assert r.exit_code == 1, r.output
+
+
+@pytest.fixture(scope="module")
+def stopped_sfdv(tmp_path_factory, tiny_teacher_pkl):
+    """A work folder whose 6-kimg SFD-v run was killed after its third dump (`stop_sfdv_run`), and the student
+    lengths that run drew. The slow tests that need such a run copy this one (`copy_of`) rather than distil their
+    own."""
+    work, drawn = tmp_path_factory.mktemp("stopped-sfdv") / "work", []
+    stop_sfdv_run(TINY + ["--teacher", tiny_teacher_pkl[0]], work, drawn)
+    return work, drawn
+
+
+def copy_of(work, to):
+    shutil.copytree(work, to)
+    return to
 
 
 @pytest.mark.slow
@@ -102,7 +168,7 @@ def test_orderings_judge_each_claim_on_both_metrics_at_their_thresholds():
             row("sfd3", 3, 0.5, 28.0, budget_kimg=200, kimg=55.296),
             row("sfdv", 2, 0.549, 23.69, budget_kimg=800), row("sfdv", 3, 0.551, 27.16, budget_kimg=800, kimg=165.9),
             row("stage2", 1, 0.9, 23.9, budget_kimg=200, from_kimg=124), row("stage2", 1, 1.1, 24.1, budget_kimg=200)]
-    judged = fmnist_table.orderings(rows)
+    judged = report.orderings(rows)
     assert judged == [
         ("SFD-2 (200 kimg) beats DPM-Solver++(3M)-5", "0.50 vs 1.00: yes", "24.50 vs 24.00: yes"),
         ("SFD-v at 2 NFE (800 kimg) within 10% of SFD-2 (200 kimg)", "0.55 vs 0.50 (+10%): yes",
@@ -113,7 +179,7 @@ def test_orderings_judge_each_claim_on_both_metrics_at_their_thresholds():
          "0.90 vs 1.00: yes", "23.90 vs 24.00: **no**"),
         ("Second stage from the finished SFD-v model (200 kimg) at 1 NFE beats DPM-Solver++(3M)-5",
          "1.10 vs 1.00: **no**", "24.10 vs 24.00: yes")]
-    assert fmnist_table.orderings([r for r in rows if r["key"] != "dpmpp5"])[0][0].startswith("SFD-v at 2 NFE")
+    assert report.orderings([r for r in rows if r["key"] != "dpmpp5"])[0][0].startswith("SFD-v at 2 NFE")
 
 
 def test_table_rows_subset_then_the_rest(tmp_path, tiny):
@@ -209,15 +275,15 @@ def test_distillation_time_leaves_out_the_pauses_a_run_records(tmp_path):
     ticks = [(2.048, 100.0), (4.096, 500.0), (6.144, 110.0)]
     (tmp_path / "stats.jsonl").write_text("".join(json.dumps(dict(kimg=k, sec_per_kimg=s)) + "\n" for k, s in ticks))
     wall = [2.048 * s for _, s in ticks]
-    assert fmnist_table.distillation_seconds(tmp_path) == pytest.approx(sum(wall))
+    assert runs.distillation_seconds(tmp_path) == pytest.approx(sum(wall))
     (tmp_path / "pauses.jsonl").write_text(json.dumps(dict(kimg=4.096, seconds=600, why="scored")) + "\n")
-    assert fmnist_table.distillation_seconds(tmp_path, 2.048) == pytest.approx(wall[0])
-    assert fmnist_table.distillation_seconds(tmp_path, 4.096) == pytest.approx(wall[0] + wall[1] - 600)
-    assert fmnist_table.distillation_seconds(tmp_path) == pytest.approx(sum(wall) - 600)
+    assert runs.distillation_seconds(tmp_path, 2.048) == pytest.approx(wall[0])
+    assert runs.distillation_seconds(tmp_path, 4.096) == pytest.approx(wall[0] + wall[1] - 600)
+    assert runs.distillation_seconds(tmp_path) == pytest.approx(sum(wall) - 600)
     for pause, words in [(dict(kimg=5.0, seconds=60), "no tick"), (dict(kimg=4.096, seconds=2000), "do not fit")]:
         (tmp_path / "pauses.jsonl").write_text(json.dumps(pause) + "\n")
-        with pytest.raises(fmnist_table.CommandError, match=words):
-            fmnist_table.distillation_seconds(tmp_path)
+        with pytest.raises(CommandError, match=words):
+            runs.distillation_seconds(tmp_path)
 
 
 @pytest.mark.slow
@@ -274,28 +340,19 @@ def test_without_matplotlib_the_table_is_still_written(tmp_path, tiny, monkeypat
     assert not list(tmp_path.glob("*.png"))
 
 
-def test_distillation_resumes_from_its_dump_after_a_kill(tmp_path, tiny_teacher_pkl, monkeypatch):
+def test_distillation_resumes_from_its_dump_after_a_kill(tmp_path, tiny_teacher_pkl):
     """A distillation killed after its first dump continues from it and ends with the uninterrupted weights."""
     from models import load_snapshot
-    from training import state as train_state
 
     pkl = tiny_teacher_pkl[0]
     opts = dict(num_steps=4, M=3, afs=True, sampler_tea="dpmpp", max_order=3, lr=1e-3, thresholding=False)
-    whole, _ = fmnist_table.distil(str(tmp_path / "whole"), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
+    whole, _ = runs.distil(str(tmp_path / "whole"), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
 
-    real_save = train_state.save_training_state
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt("killed after the first dump")
-
-    monkeypatch.setattr(train_state, "save_training_state", save_then_die)
     run_dir = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
-        fmnist_table.distil(str(run_dir), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
+    with killed_at_dump(1), pytest.raises(KeyboardInterrupt):
+        runs.distil(str(run_dir), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
     assert not (run_dir / "done.json").exists() and list(run_dir.glob("training-state-*.pt"))
-    monkeypatch.setattr(train_state, "save_training_state", real_save)
-    resumed, seconds = fmnist_table.distil(str(run_dir), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
+    resumed, seconds = runs.distil(str(run_dir), pkl, 0.012, 4, "cpu", 2, 0.004, 1, **opts)
     assert seconds > 0
     kimgs = [json.loads(line)["kimg"] for line in open(run_dir / "stats.jsonl")]
     assert kimgs == pytest.approx([0.004, 0.008, 0.012])
@@ -305,25 +362,16 @@ def test_distillation_resumes_from_its_dump_after_a_kill(tmp_path, tiny_teacher_
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_partial_scores_a_stopped_run_at_its_dump_then_the_finished_model_replaces_it(tmp_path, tiny, monkeypatch):
+def test_partial_scores_a_stopped_run_at_its_dump_then_the_finished_model_replaces_it(tmp_path, tiny):
     """--partial trains nothing: an unfinished SFD-3 run is scored at its latest dump ('K of B kimg (stopped)'), with
     the dump's weights, the time and machine of its stats; a run with no dump is skipped. Once the run finishes, its
     final row replaces the stopped one in the table."""
-    from training import state as train_state
-
     work, out = tmp_path / "work", tmp_path / "t.md"
     args = tiny + ["--workdir", str(work), "--out", str(out), "--kimg", "0.012", "--tick", "0.004",
                    "--dump_every", "1"]
-    real_save = train_state.save_training_state
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt("killed after the first dump")
-
-    monkeypatch.setattr(train_state, "save_training_state", save_then_die)
-    r = run(args + ["--rows", "sfd3"])
+    with killed_at_dump(1):
+        r = run(args + ["--rows", "sfd3"])
     assert r.exit_code == 1  # click turns the interrupt into "Aborted!"
-    monkeypatch.setattr(train_state, "save_training_state", real_save)
     run_dir = work / "distil" / "sfd3-0.012kimg"
     dumps = sorted(run_dir.glob("training-state-*.pt"))
     assert len(dumps) == 1 and not (run_dir / "done.json").exists()
@@ -346,7 +394,7 @@ def test_partial_scores_a_stopped_run_at_its_dump_then_the_finished_model_replac
     (run_dir / "stats.jsonl").write_text(stats)
 
     # The scored network holds the dump's weights.
-    model = fmnist_table.Trained.from_dump(str(dumps[0]), tiny[tiny.index("--teacher") + 1], False, 0.012, "cpu")
+    model = runs.Trained.from_dump(str(dumps[0]), tiny[tiny.index("--teacher") + 1], False, 0.012, "cpu")
     dumped = train_state.load_training_state(str(dumps[0]))["net"]
     for k, v in model.net().state_dict().items():
         torch.testing.assert_close(v, dumped[k], rtol=0, atol=0)
@@ -359,12 +407,10 @@ def test_partial_scores_a_stopped_run_at_its_dump_then_the_finished_model_replac
     assert "(stopped)" not in table and table.count("| SFD | 3 |") == 1
 
 
-def test_a_larger_budget_distils_anew_and_the_table_shows_the_longest_trained_model(tmp_path, tiny, monkeypatch):
+def test_a_larger_budget_distils_anew_and_the_table_shows_the_longest_trained_model(tmp_path, tiny):
     """A row finished at one budget is distilled again in its own folder when asked for a larger one; the table
     shows whichever model trained longest: a stopped run past the finished one's budget, then its final model, which
     a later call with the small budget does not displace (nothing is recomputed)."""
-    from training import state as train_state
-
     work, out = tmp_path / "work", tmp_path / "t.md"
     args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfd3", "--tick", "0.004"]
     small, large = ["--row_kimg", "sfd3=0.004"], ["--row_kimg", "sfd3=0.016", "--dump_every", "2"]
@@ -372,16 +418,9 @@ def test_a_larger_budget_distils_anew_and_the_table_shows_the_longest_trained_mo
     assert r.exit_code == 0, r.output
     assert "| 0.004 kimg |" in out.read_text()
 
-    real_save = train_state.save_training_state
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt("killed after the first dump")
-
-    monkeypatch.setattr(train_state, "save_training_state", save_then_die)
-    r = run(args + large)
+    with killed_at_dump(1):
+        r = run(args + large)
     assert r.exit_code == 1
-    monkeypatch.setattr(train_state, "save_training_state", real_save)
     assert [p.name for p in (work / "distil" / "sfd3-0.016kimg").glob("training-state-*.pt")]
     r = run(args + large + ["--partial"])
     assert r.exit_code == 0, r.output
@@ -400,41 +439,18 @@ def test_a_larger_budget_distils_anew_and_the_table_shows_the_longest_trained_mo
 
 
 @pytest.mark.slow
-def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_kimg(tmp_path, tiny, monkeypatch):
+def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_kimg(tmp_path, tiny, stopped_sfdv):
     """SFD-v's curve at 2 NFE: with --partial a stopped run's kept dump stands in for a snapshot it never wrote
     (here: a run started with sparser snapshots); the resumed run writes a snapshot every --curve_v_every ticks and
     those are scored. Each point carries the kimg of the iterations whose student length was the 2-NFE one, as the
     training loop drew them, and the run's time up to it."""
-    from training import state as train_state
-    from training import training_loop as loop
-
-    drawn = []
-    real_draw = loop.draw_sfdv_num_steps
-
-    def record(step_rng):
-        drawn.append(real_draw(step_rng))
-        return drawn[-1]
-
-    monkeypatch.setattr(loop, "draw_sfdv_num_steps", record)
-    real_save, dumps = train_state.save_training_state, []
-
-    def die_at_the_third_dump(*a, **k):
-        real_save(*a, **k)
-        dumps.append(a[0])
-        if len(dumps) == 3:
-            raise KeyboardInterrupt("killed after the third dump")
-
-    monkeypatch.setattr(train_state, "save_training_state", die_at_the_third_dump)
-    work, out = tmp_path / "work", tmp_path / "t.md"
-    # Ticks of two iterations of 512 end at 1.024, 2.048, ... 6.144 kimg.
-    args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfdv", "--kimg_v", "6", "--batch", "512",
-                   "--tick", "1", "--dump_every", "1"]
-    assert run(args + ["--curve_v_every", "100"]).exit_code == 1
-    monkeypatch.setattr(train_state, "save_training_state", real_save)
+    work, out = copy_of(stopped_sfdv[0], tmp_path / "work"), tmp_path / "t.md"
+    drawn = list(stopped_sfdv[1])
     run_dir = work / "distil" / "sfdv-6kimg"
     assert len(drawn) == 6 and not list(run_dir.glob("*.safetensors"))
 
-    args += ["--curve_v_every", "2"]  # intervals of ticks 3-4, 5-6: the dump at tick 3 stands in for the first
+    # Intervals of ticks 3-4, 5-6: the dump at tick 3 stands in for the first.
+    args = tiny + ["--workdir", str(work), "--out", str(out)] + SFDV_6KIMG + ["--curve_v_every", "2"]
     r = run(args + ["--partial", "--plots"])
     assert r.exit_code == 0, r.output
     (point,) = [row for row in read_rows(work) if row["key"] == "curve_v"]
@@ -447,7 +463,8 @@ def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_k
     assert "SFD-v distillation curve at 2 NFE" in out.read_text()
     assert (tmp_path / "t-curve.png").exists()
 
-    r = run(args)  # resumes the run to its budget, then scores the curve's new snapshot
+    with recorded_sfdv_draws(drawn):
+        r = run(args)  # resumes the run to its budget, then scores the curve's new snapshot
     assert r.exit_code == 0, r.output
     assert len(drawn) == 12 and not list(run_dir.glob("training-state-*.pt"))
     assert (run_dir / "network-snapshot-000005.safetensors").exists()  # after tick 5, as the loop snapshots
@@ -462,6 +479,31 @@ def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_k
     assert all(f"| {k} | " in out.read_text() for k in ("3.1", "5.1", "6.1"))
 
 
+@pytest.mark.slow
+def test_a_run_started_again_keeps_its_own_curve_apart_from_a_lost_runs_rows(tmp_path, tiny, stopped_sfdv):
+    """A work folder lost and its SFD-v run started again from scratch: the merged rows of the first run do not
+    count as the new run's curve points (the two are different runs at the same kimg), and the table tells them
+    apart."""
+    def scored(work, *extra):
+        return run(tiny + ["--workdir", str(work), "--out", str(tmp_path / f"{work.name}.md")] + SFDV_6KIMG
+                   + ["--curve_v_every", "2", "--partial", *extra])
+
+    r = scored(copy_of(stopped_sfdv[0], tmp_path / "lost"))
+    assert r.exit_code == 0, r.output
+    (first,) = [row for row in read_rows(tmp_path / "lost") if row["key"] == "curve_v"]
+    assert first["run"].startswith("sfdv-6kimg@")
+
+    stop_sfdv_run(tiny, tmp_path / "again", [])
+    r = scored(tmp_path / "again", "--rows_file", str(tmp_path / "lost-rows.json"))
+    assert r.exit_code == 0, r.output
+    (second,) = [row for row in read_rows(tmp_path / "again") if row["key"] == "curve_v"]
+    assert second["kimg"] == first["kimg"] and second["run"] != first["run"]
+    rows = json.loads((tmp_path / "again-rows.json").read_text())["rows"]
+    assert sorted(row["run"] for row in rows if row["key"] == "curve_v") == sorted([first["run"], second["run"]])
+    table = (tmp_path / "again.md").read_text()
+    assert f"| 3.1 (run {first['run']}) |" in table and f"| 3.1 (run {second['run']}) |" in table
+
+
 def test_the_committed_table_is_what_its_committed_rows_give(tmp_path):
     """experiments/fmnist_table.md (the README's numbers) rebuilds from experiments/fmnist_table-rows.json alone."""
     table = os.path.join(ROOT, "experiments", "fmnist_table.md")
@@ -474,69 +516,17 @@ def test_the_committed_table_is_what_its_committed_rows_give(tmp_path):
     assert out.read_text(encoding="utf-8") == open(table, encoding="utf-8").read()
 
 
-def test_a_run_started_again_keeps_its_own_curve_apart_from_a_lost_runs_rows(tmp_path, tiny, monkeypatch):
-    """A work folder lost and its SFD-v run started again from scratch: the merged rows of the first run do not
-    count as the new run's curve points (the two are different runs at the same kimg), and the table tells them
-    apart."""
-    from training import state as train_state
-
-    real_save = train_state.save_training_state
-
-    def stopped_run_scored(work):
-        dumps = []
-
-        def die_at_the_third_dump(*a, **k):
-            real_save(*a, **k)
-            dumps.append(a[0])
-            if len(dumps) == 3:
-                raise KeyboardInterrupt("killed after the third dump")
-
-        args = tiny + ["--workdir", str(work), "--out", str(tmp_path / f"{work.name}.md"), "--rows", "sfdv",
-                       "--kimg_v", "6", "--batch", "512", "--tick", "1", "--dump_every", "1", "--curve_v_every", "2"]
-        monkeypatch.setattr(train_state, "save_training_state", die_at_the_third_dump)
-        assert run(args).exit_code == 1
-        monkeypatch.setattr(train_state, "save_training_state", real_save)
-        return args + ["--partial"]
-
-    r = run(stopped_run_scored(tmp_path / "lost"))
-    assert r.exit_code == 0, r.output
-    (first,) = [row for row in read_rows(tmp_path / "lost") if row["key"] == "curve_v"]
-    assert first["run"].startswith("sfdv-6kimg@")
-
-    args = stopped_run_scored(tmp_path / "again") + ["--rows_file", str(tmp_path / "lost-rows.json")]
-    r = run(args)
-    assert r.exit_code == 0, r.output
-    (second,) = [row for row in read_rows(tmp_path / "again") if row["key"] == "curve_v"]
-    assert second["kimg"] == first["kimg"] and second["run"] != first["run"]
-    rows = json.loads((tmp_path / "again-rows.json").read_text())["rows"]
-    assert sorted(row["run"] for row in rows if row["key"] == "curve_v") == sorted([first["run"], second["run"]])
-    table = (tmp_path / "again.md").read_text()
-    assert f"| 3.1 (run {first['run']}) |" in table and f"| 3.1 (run {second['run']}) |" in table
-
-
 @pytest.mark.slow
-def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tmp_path, tiny, monkeypatch):
+def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tmp_path, tiny):
     """The second stage's curve at 1 NFE: with --partial a stopped run's dump is a point (the same network as its
     stopped row); the resumed run writes a snapshot every --curve_2_every ticks and each interval's is scored, with
     the stage's own time (its row adds the SFD-v model's). The table lists the points; --plots draws them."""
-    from training import state as train_state
-
-    real_save, dumps = train_state.save_training_state, []
-
-    def die_at_the_fourth_stage2_dump(*a, **k):
-        real_save(*a, **k)
-        if "stage2-" in str(a[0]):
-            dumps.append(a[0])
-            if len(dumps) == 4:
-                raise KeyboardInterrupt("killed after the fourth dump")
-
-    monkeypatch.setattr(train_state, "save_training_state", die_at_the_fourth_stage2_dump)
     work, out = tmp_path / "work", tmp_path / "t.md"
     # Ticks of two iterations of 512; the second stage's end at 1.024, 2.048, ... 10.24 kimg.
     args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfdv,stage2", "--kimg_v", "1", "--kimg2",
                    "10", "--batch", "512", "--tick", "1", "--dump_every", "1", "--curve_2_every", "3"]
-    assert run(args).exit_code == 1
-    monkeypatch.setattr(train_state, "save_training_state", real_save)
+    with killed_at_dump(4, run_name="stage2-"):
+        assert run(args).exit_code == 1
     run_dir = work / "distil" / "stage2-10kimg"
 
     r = run(args + ["--partial"])  # interval of ticks 4-6: the dump at tick 4 stands in for its snapshot
@@ -578,13 +568,13 @@ def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path
     a folder of its own; its row names K and adds the SFD-v run's time up to K, and a K the run has no snapshot of
     is a one-line error."""
     started = []
-    real_loop = fmnist_table.training_loop
+    real_loop = runs.training_loop
 
     def record(**kwargs):
         started.append((os.path.basename(kwargs["run_dir"]), kwargs["model_path"]))
         return real_loop(**kwargs)
 
-    monkeypatch.setattr(fmnist_table, "training_loop", record)
+    monkeypatch.setattr(runs, "training_loop", record)
     work, out = tmp_path / "work", tmp_path / "t.md"
     # SFD-v ticks of two iterations of 512 end at 1.024, 2.048, 3.072 kimg, a snapshot after each.
     args = tiny + ["--workdir", str(work), "--out", str(out), "--kimg_v", "3", "--kimg2", "0.004", "--batch", "512",
@@ -603,9 +593,9 @@ def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path
     assert started[-1] == ("stage2-0.004kimg-from-sfdv2kimg", str(run_v / "network-snapshot-000002.safetensors"))
     (row,) = [row for row in read_rows(work) if row["key"] == "stage2"]
     assert row["from_kimg"] == 2 and row["method"] == "SFD second stage (from SFD-v at 2 of 3 kimg)"
-    stage_s = fmnist_table.distillation_seconds(str(work / "distil" / "stage2-0.004kimg-from-sfdv2kimg"))
-    upto_v = fmnist_table.distillation_seconds(str(run_v), 2.048)
-    assert upto_v < fmnist_table.distillation_seconds(str(run_v))
+    stage_s = runs.distillation_seconds(str(work / "distil" / "stage2-0.004kimg-from-sfdv2kimg"))
+    upto_v = runs.distillation_seconds(str(run_v), 2.048)
+    assert upto_v < runs.distillation_seconds(str(run_v))
     assert row["distill_s"] == pytest.approx(stage_s + upto_v)
     assert "| SFD second stage (from SFD-v at 2 of 3 kimg) | 1 |" in out.read_text()
     # A budget that ends inside the first interval of --curve_2_every ticks: its final snapshot is still a curve
@@ -627,8 +617,8 @@ def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path
     assert "| SFD second stage (from SFD-v) | 1 |" in table
     for start in ("SFD-v's 2-kimg snapshot", "the finished SFD-v model"):
         assert re.search(rf"\| \d+\.\d from {start} \| ", table), table
-    folder = fmnist_table.WorkFolder(str(work), json.loads((work / "settings.json").read_text()))
-    curves = fmnist_table.stage2_curves(folder)
+    folder = WorkFolder(str(work), json.loads((work / "settings.json").read_text()))
+    curves = plots.stage2_curves(folder)
     assert [(start, [p["from_kimg"] if "from_kimg" in p else 0 for p in points]) for start, points in curves] == [
         ("the finished SFD-v model", [0]), ("SFD-v's 2-kimg snapshot", [2])]
 
@@ -655,10 +645,10 @@ def test_gpu_table_script_runs_on_another_teacher(tmp_path, tiny_teacher_pkl):
     ref = work / "teacher-ref.npz"
     for name in ("base", "sfd2"):
         settings = json.load(open(work / name / "settings.json"))
-        assert settings["teacher"] == fmnist_table.file_id(tiny_teacher_pkl[0])
-        assert settings["teacher_ref"] == fmnist_table.file_id(str(ref))
+        assert settings["teacher"] == file_id(tiny_teacher_pkl[0])
+        assert settings["teacher_ref"] == file_id(str(ref))
     # The statistics are those of the teacher's own Heun-34 samples on the reference seeds.
-    cache = tmp_path / "work" / "metric" / fmnist_table.file_id(tiny_teacher_pkl[0]).replace(":", "-")
+    cache = tmp_path / "work" / "metric" / file_id(tiny_teacher_pkl[0]).replace(":", "-")
     images = np.load(cache / "heun34" / "seeds100000-100002.npy")
     mu, _ = fmnist_metric.stats_of(fmnist_metric.load_detector(DETECTOR), images, torch.device("cpu"))
     np.testing.assert_allclose(np.load(ref)["mu"], mu, rtol=1e-6)
