@@ -36,7 +36,7 @@ from torch_utils import distributed as dist
 from torch_utils.threads import pick_cpu_threads
 from models.snapshot import SFDV_NUM_STEPS
 from training.config import OPTION_NAMES, DistillConfig, OptionError
-from training.precision import PRECISIONS
+from training.precision import PRECISIONS, precision_that_runs
 
 D = DistillConfig  # its class attributes are the defaults of the options below: one default for train.py and the loop
 
@@ -269,7 +269,7 @@ def run_config(opts, device, world_size):
         batch_size=opts.batch, batch_gpu=opts.batch_gpu, total_kimg=opts.total_kimg, lr=opts.lr, seed=opts.seed,
         kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, lpips=opts.lpips,
         # mixed precision applies on CUDA only; the options file says what runs
-        precision=opts.precision if device.type == "cuda" else "fp32", channels_last=opts.channels_last,
+        precision=precision_that_runs(opts.precision, device), channels_last=opts.channels_last,
         compile=opts.compile, teacher_batch=opts.teacher_batch, cudnn_benchmark=opts.bench, world_size=world_size,
         device=str(device),
     )

@@ -22,15 +22,20 @@ def full_fp32():
     torch.backends.cudnn.allow_tf32 = False
 
 
+def precision_that_runs(precision, device, armed_on_cpu=False):
+    """The precision a run on `device` uses when asked for `precision`: mixed precision is armed on CUDA only (or
+    when a test forces it on the CPU), everything else runs fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision if torch.device(device).type == "cuda" or armed_on_cpu else "fp32"
+
+
 class RunMode:
     def __init__(self, precision, device, modules, armed_on_cpu=False):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = device
         self.modules = list(modules)
         full_fp32()  # the fp32 fallback after a NaN and the fp32 baseline of the equivalence check rely on it
-        armed = device.type == "cuda" or armed_on_cpu
-        self.precision = precision if armed else "fp32"
+        self.precision = precision_that_runs(precision, device, armed_on_cpu)
         self._apply()
 
     @property
