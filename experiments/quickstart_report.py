@@ -27,6 +27,7 @@ from metrics.frechet import load_ref  # noqa: E402
 from models import load_network  # noqa: E402
 from sample import latest_snapshot_in  # noqa: E402
 from torch_utils.cli import CommandError  # noqa: E402
+from training.config import DistillConfig  # noqa: E402
 from training.precision import full_fp32, prepare_module  # noqa: E402
 
 ASSETS = os.path.join(REPO, "assets")
@@ -88,9 +89,10 @@ def main(student, teacher, detector, ref, teacher_ref, num, batch, channels_last
         schedule_type=st["schedule_type"], schedule_rho=st["schedule_rho"])
     row("teacher, Euler (AFS)", teacher_net, "euler", num_steps=st["num_steps"], afs=st["afs"],
         schedule_type=st["schedule_type"], schedule_rho=st["schedule_rho"])
-    row("teacher, DPM-Solver++(3M)", teacher_net, "dpmpp", num_steps=nfe + 1, max_order=3, thresholding=False)
+    as_distilled = DistillConfig.thresholding  # the baselines run as the student's teacher did
+    row("teacher, DPM-Solver++(3M)", teacher_net, "dpmpp", num_steps=nfe + 1, max_order=3, thresholding=as_distilled)
     row("teacher, DPM-Solver++(3M)", teacher_net, "dpmpp", num_steps=BASELINE_NFE + 1, max_order=3,
-        thresholding=False)
+        thresholding=as_distilled)
 
     print(f"{num} samples each (seeds 0-{num - 1}); teacher-FID against the teacher's converged samples, data-FID "
           "against the Fashion-MNIST training set (lower is better):")
