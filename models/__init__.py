@@ -7,6 +7,7 @@ from .registry import BACKBONES, Backbone, get_backbone
 from .snapshot import NETWORK_CLASSES, load_snapshot, register_network_class, save_snapshot
 from .unet import OpenAIUNet
 from .latent import LatentDiffusionPrecond, TextToImagePrecond  # registers the 'latent' loader family
+from . import diffusers_pipeline  # noqa: F401  (registers the diffusers pipeline network classes)
 
 __all__ = [
     "BACKBONES", "Backbone", "DhariwalUNet", "EDMPrecond", "LatentDiffusionPrecond", "LoadedNetwork",

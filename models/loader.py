@@ -26,6 +26,7 @@ from .snapshot import FORMAT_NAME as SNAPSHOT_FORMAT
 from .snapshot import NETWORK_CLASSES, SFDV_NUM_STEPS, is_sfdv, load_snapshot
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIFFUSERS = "diffusers"  # the dataset_name of any diffusers pipeline folder (models/diffusers_pipeline.py)
 
 
 @dataclass
@@ -48,6 +49,14 @@ def load_network(dataset_name=None, model_path=None, *, device="cpu", use_step_c
     """
     if dataset_name is None and model_path is None:
         raise ValueError("load_network: give dataset_name (a table entry) or model_path (a .pkl or snapshot file)")
+    if dataset_name in (None, DIFFUSERS) and _is_pipeline_folder(model_path):
+        from .diffusers_pipeline import build_pipeline
+
+        net, settings = build_pipeline(model_path, use_step_condition)  # any diffusers pipeline (design §6)
+        return _finish(net, settings, DIFFUSERS, "pretrained", model_path, device)
+    if dataset_name == DIFFUSERS and (model_path is None or not _is_ours(model_path)):
+        raise ValueError("dataset_name 'diffusers' needs model_path = a diffusers pipeline folder (with "
+                         "model_index.json) or a snapshot distilled from one")
     row = BACKBONES.get(dataset_name)
     if row is not None and row.family in _SELF_LOCATING and (model_path is None or not _is_ours(model_path)):
         # Families that find their own files (LDM zips, SD files/folders); model_path = that family's checkpoint.
@@ -164,6 +173,10 @@ def register_family(family, builder, finds_files=False):
     _FAMILY_BUILDERS[family] = builder
     if finds_files:
         _SELF_LOCATING.add(family)
+
+
+def _is_pipeline_folder(path):
+    return path is not None and os.path.isfile(os.path.join(path, "model_index.json"))
 
 
 def _is_ours(path):

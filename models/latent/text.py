@@ -50,7 +50,8 @@ class PromptEncoder:
         from transformers import CLIPTokenizer
 
         vocab, merges = (os.path.join(tokenizer_dir, name) for name in ("vocab.json", "merges.txt"))
-        for path in (vocab, merges):
+        saved_whole = os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json"))  # a newer transformers' save
+        for path in () if saved_whole else (vocab, merges):
             if not os.path.isfile(path):
                 raise ValueError(f"tokenizer file {path} is missing (a CLIP tokenizer needs vocab.json and merges.txt)")
         # from_pretrained on a local folder reads the same files under every transformers version (the
