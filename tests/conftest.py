@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -81,6 +82,31 @@ TINY_DHARIWAL = dict(img_resolution=8, img_channels=3, label_dim=4, model_type="
                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
 
 
+# 16x16 RGB networks with every option of EDM's CIFAR-10 configurations named (model, pickle and loader tests).
+SONG_16 = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
+               num_blocks=1, attn_resolutions=[8], dropout=0, augment_dim=9, embedding_type="positional",
+               encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1])
+ADM_16 = dict(img_resolution=16, img_channels=3, label_dim=10, model_type="DhariwalUNet", model_channels=32,
+              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0)
+
+
+def perturbed(net, seed=0, scale=0.05):
+    """EDM zero-initialises output layers; jitter every weight so each one influences D(x). Returns net in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return net.eval()
+
+
+def tiny_net(cls=None, seed=0, **kwargs):
+    """cls(**kwargs) (default EDMPrecond) with seeded random weights, every one of them perturbed."""
+    if cls is None:
+        from models import EDMPrecond as cls
+    torch.manual_seed(seed)
+    return perturbed(cls(**kwargs), seed)
+
+
 def build_tiny_edm(seed=0, **overrides):
     """A tiny EDMPrecond with random weights (deterministic for a seed)."""
     from models import EDMPrecond
@@ -112,6 +138,27 @@ def tiny_cond_teacher_pkl(tmp_path_factory):
     net = build_tiny_edm(seed=1, **TINY_DHARIWAL)
     path = tmp_path_factory.mktemp("teacher") / "tiny-edm-cond.pkl"
     return write_edm_pickle(path, net), net
+
+
+def run_loop(pkl, **kw):
+    """training_loop() from Python on the CPU: the tiny teacher `pkl`, batch 4, one iteration (0.004 kimg), seed 3,
+    fp32, no progress bar, unless `kw` says otherwise. Makes `run_dir` first, as train.py does."""
+    from training.training_loop import training_loop
+
+    args = dict(model_path=pkl, batch_size=4, total_kimg=0.004, seed=3, device="cpu", progress=False, precision="fp32")
+    args.update(kw)
+    if args.get("run_dir"):
+        os.makedirs(args["run_dir"], exist_ok=True)
+    return training_loop(**args)
+
+
+def torchrun(script, *args, nproc=2, cwd=ROOT, timeout=300):
+    """`torchrun --standalone --nproc_per_node=nproc script args` on the CPU (gloo), offline, one thread per process:
+    the finished subprocess, its output as text. `script` is relative to the repository."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, script), *args]
+    env = dict(os.environ, SFD_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def documented_defaults(command, *names):

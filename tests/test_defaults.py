@@ -22,12 +22,16 @@ def threshold_calls(monkeypatch):
 
 @pytest.mark.parametrize("args, expected", [([], False), (["--thresholding", "True"], True)])
 def test_train_teacher_thresholding_default_off(tmp_path, tiny_teacher_pkl, threshold_calls, args, expected):
+    from models import load_snapshot
+
     pkl, _ = tiny_teacher_pkl
     r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), "--model_path", pkl, "--batch", "4",
                                         "--total_kimg", "0.004", "--seed", "1", "--device", "cpu", *args])
     assert r.exit_code == 0, r.output
     (options,) = tmp_path.glob("*/training_options.json")
     assert json.load(open(options))["thresholding"] is expected
+    (snapshot,) = tmp_path.glob("*/network-snapshot-*.safetensors")
+    assert load_snapshot(str(snapshot))[1]["thresholding"] is expected  # the setting the run stores
     # One iteration, 13 teacher points with M=3: 12 data predictions of the DPM-Solver++ teacher.
     assert len(threshold_calls) == (12 if expected else 0)
 

@@ -7,27 +7,12 @@ import pickle
 import pytest
 import torch
 
-from models import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond, load_network
+from models import VEPrecond, VPPrecond, iDDPMPrecond, load_network
 from models.loader import build_from_record
+from tests.conftest import ADM_16, SONG_16, tiny_net
 from torch_utils import persistence
 from torch_utils.persistence import PersistentRecord, load_edm_pickle, save_edm_pickle
 from torch_utils.restricted_pickle import RestrictedUnpickler, UnsafePickleError
-
-SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[8], dropout=0, augment_dim=9, embedding_type="positional",
-            encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1])
-ADM = dict(img_resolution=16, img_channels=3, label_dim=10, model_type="DhariwalUNet", model_channels=32,
-           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0)
-
-
-def tiny(cls=EDMPrecond, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    net = cls(**kwargs)
-    with torch.no_grad():  # EDM zero-initialises output layers; make every weight matter
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net.eval()
-
 
 def edm_training_snapshot(net):
     """What EDM's training loop pickles: the EMA network plus loss, augmentation and dataset records."""
@@ -55,9 +40,9 @@ def pickled_globals(path):
     return names
 
 
-@pytest.mark.parametrize("arch", [SONG, ADM], ids=["song-uncond", "adm-cond"])
+@pytest.mark.parametrize("arch", [SONG_16, ADM_16], ids=["song-uncond", "adm-cond"])
 def test_genuine_edm_pickle_round_trip(tmp_path, arch):
-    net = tiny(**arch)
+    net = tiny_net(**arch)
     path = tmp_path / "network-snapshot.pkl"
     save_edm_pickle(path, edm_training_snapshot(net))
 
@@ -91,7 +76,7 @@ def test_genuine_edm_pickle_round_trip(tmp_path, arch):
 
 
 def test_step_condition_networks_keep_their_step_layers(tmp_path):
-    net = tiny(**ADM, use_step_condition=True)
+    net = tiny_net(**ADM_16, use_step_condition=True)
     path = tmp_path / "sfdv.pkl"
     save_edm_pickle(path, dict(ema=net))
     loaded = load_network(model_path=str(path), dataset_name="imagenet64")
@@ -104,20 +89,20 @@ def test_step_condition_networks_keep_their_step_layers(tmp_path):
 
 @pytest.mark.parametrize("cls", [VPPrecond, VEPrecond, iDDPMPrecond])
 def test_other_edm_preconditioners_load_from_pickles(tmp_path, cls):
-    arch = ADM if cls is iDDPMPrecond else SONG
-    net = tiny(cls, **arch)
+    arch = ADM_16 if cls is iDDPMPrecond else SONG_16
+    net = tiny_net(cls, **arch)
     path = tmp_path / "net.pkl"
     save_edm_pickle(path, dict(ema=net))
     built = build_from_record(load_edm_pickle(path)["ema"])
     assert type(built) is cls
     x = torch.randn(2, 3, 16, 16)
-    labels = torch.eye(10)[[0, 9]] if arch is ADM else None
+    labels = torch.eye(10)[[0, 9]] if arch is ADM_16 else None
     with torch.no_grad():
         torch.testing.assert_close(built(x, torch.tensor([0.5, 2.0]), labels), net(x, torch.tensor([0.5, 2.0]), labels))
 
 
 def test_records_can_be_written_back(tmp_path):
-    net = tiny(**SONG)
+    net = tiny_net(**SONG_16)
     first, second = tmp_path / "a.pkl", tmp_path / "b.pkl"
     save_edm_pickle(first, dict(ema=net))
     save_edm_pickle(second, load_edm_pickle(first))
@@ -238,7 +223,7 @@ def test_unsafe_error_names_the_global(tmp_path):
 def test_embedded_module_source_is_never_executed(tmp_path):
     marker = tmp_path / "marker"
     evil_src = f"open({str(marker)!r}, 'w').write('ran')\nclass EDMPrecond:\n    pass\n"
-    net = tiny(**SONG)
+    net = tiny_net(**SONG_16)
     good = load_edm_pickle(_saved(tmp_path / "good.pkl", dict(ema=net)))["ema"]
     # A real network whose embedded source is hostile: the network still loads, the source never runs.
     hostile = PersistentRecord(class_name="EDMPrecond", module_src=evil_src, init_args=(),
@@ -258,12 +243,12 @@ def test_embedded_module_source_is_never_executed(tmp_path):
 
 
 def test_truncated_or_foreign_pickles_give_clear_errors(tmp_path):
-    path = _saved(tmp_path / "net.pkl", dict(ema=tiny(**SONG)))
+    path = _saved(tmp_path / "net.pkl", dict(ema=tiny_net(**SONG_16)))
     truncated = tmp_path / "truncated.pkl"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ValueError, match="cannot read"):
         load_network(model_path=str(truncated))
-    no_ema = _saved(tmp_path / "no_ema.pkl", dict(net=tiny(**SONG)))
+    no_ema = _saved(tmp_path / "no_ema.pkl", dict(net=tiny_net(**SONG_16)))
     with pytest.raises(ValueError, match="'ema'"):
         load_network(model_path=str(no_ema))
     listed = tmp_path / "list.pkl"
@@ -273,7 +258,7 @@ def test_truncated_or_foreign_pickles_give_clear_errors(tmp_path):
 
 
 def test_record_with_wrong_tensors_lists_the_keys(tmp_path):
-    record = load_edm_pickle(_saved(tmp_path / "net.pkl", dict(ema=tiny(**SONG))))["ema"]
+    record = load_edm_pickle(_saved(tmp_path / "net.pkl", dict(ema=tiny_net(**SONG_16))))["ema"]
     bigger = dict(record.init_kwargs, model_channels=32)
     with pytest.raises(ValueError, match="wrong shape"):
         build_from_record(PersistentRecord("EDMPrecond", record.module_src, (), bigger, record.state))
@@ -289,7 +274,7 @@ def _saved(path, data):
 
 def test_reader_accepts_a_stream():
     buf = io.BytesIO()
-    net = tiny(**ADM)
+    net = tiny_net(**ADM_16)
     persistence._EDMPickler(buf, protocol=2).dump(dict(ema=net))  # old protocol: bytes via _codecs.encode
     buf.seek(0)
     built = build_from_record(load_edm_pickle(buf)["ema"])

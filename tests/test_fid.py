@@ -4,7 +4,6 @@ import io
 import os
 import pickle
 import re
-import subprocess
 import sys
 import time
 import zipfile
@@ -18,9 +17,8 @@ from click.testing import CliRunner
 import dnnlib
 import fid
 from metrics import detectors, frechet, images as image_io
-from tests.conftest import CallRecorder, assert_one_line_refusal, documented_defaults, tree
+from tests.conftest import CallRecorder, assert_one_line_refusal, documented_defaults, torchrun, tree
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # torch >= 2.10 flags TorchScript as deprecated; it is still the detector file format we accept.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning")
 
@@ -513,10 +511,7 @@ def test_torchrun_two_processes_match_one(setup, tmp_path):
     assert run_cli(["ref", "--data", setup.folder_a, "--dest", ref] + common).exit_code == 0
     single = run_cli(["calc", "--images", setup.folder_b, "--ref", ref] + common)
     assert single.exit_code == 0, single.output
-    env = dict(os.environ, SFD_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "fid.py"), "calc", "--images", setup.folder_b, "--ref", ref] + common
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    p = torchrun("fid.py", "calc", "--images", setup.folder_b, "--ref", ref, *common, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("FID: ") == 1  # printed by rank 0 only
     assert parse_fid(p.stdout) == pytest.approx(parse_fid(single.output), rel=1e-5)

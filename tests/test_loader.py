@@ -11,21 +11,10 @@ from models import BACKBONES, EDMPrecond, load_network, load_snapshot, save_snap
 from models import loader as loader_module
 from models.edm import is_step_layer_key
 from models.registry import EDM_CDN, Backbone
+from tests.conftest import SONG_16, tiny_net
 from torch_utils.persistence import save_edm_pickle
 
-SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[8], dropout=0, augment_dim=9, embedding_type="positional",
-            encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1])
-SONG_ARCH = {k: v for k, v in SONG.items() if k not in ("img_resolution", "img_channels")}
-
-
-def tiny(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    net = EDMPrecond(**kwargs)
-    with torch.no_grad():  # EDM zero-initialises output layers; make every weight matter
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net.eval()
+SONG_ARCH = {k: v for k, v in SONG_16.items() if k not in ("img_resolution", "img_channels")}
 
 
 def tiny_row(name="tiny16", **overrides):
@@ -40,7 +29,7 @@ def tiny_backbone(tmp_path, monkeypatch):
     """A table row whose checkpoint is already in the cache folder, as after a download."""
     row = tiny_row()
     monkeypatch.setitem(BACKBONES, row.dataset_name, row)
-    net = tiny(**SONG)
+    net = tiny_net(**SONG_16)
     folder = tmp_path / "src" / row.dataset_name
     folder.mkdir(parents=True)
     save_edm_pickle(folder / row.file_name, dict(ema=net))
@@ -100,7 +89,7 @@ def test_table_kwargs_that_do_not_match_the_file_are_reported(tiny_backbone, mon
 
 
 def test_row_with_a_repo_file(tmp_path, monkeypatch):
-    net = tiny(**SONG)
+    net = tiny_net(**SONG_16)
     (tmp_path / "assets").mkdir()
     save_edm_pickle(tmp_path / "assets" / "teacher.pkl", dict(ema=net))
     row = tiny_row(name="shipped", url=None, path="assets/teacher.pkl")
@@ -133,7 +122,7 @@ def test_plain_checkpoint_into_step_condition_network(tiny_backbone):
 
 
 def test_snapshot_round_trip(tmp_path):
-    net = tiny(**SONG, use_step_condition=True)
+    net = tiny_net(**SONG_16, use_step_condition=True)
     settings = dict(dataset_name="cifar10", num_steps=4, M=3, afs=True, schedule_type="polynomial", schedule_rho=7.0,
                     sigma_min=0.006, sigma_max=80.0, use_step_condition=True, sampler_tea="dpmpp")
     path = tmp_path / "network-snapshot-000010.safetensors"
@@ -153,7 +142,7 @@ def test_snapshot_round_trip(tmp_path):
 
 
 def test_plain_snapshot_can_grow_step_layers(tmp_path):
-    net = tiny(**SONG)
+    net = tiny_net(**SONG_16)
     path = tmp_path / "plain.safetensors"
     save_snapshot(str(path), net, dict(dataset_name="cifar10", use_step_condition=False))
     plain = load_network(model_path=str(path))
@@ -164,7 +153,7 @@ def test_plain_snapshot_can_grow_step_layers(tmp_path):
 
 
 def test_damaged_snapshots_raise_value_error(tmp_path):
-    net = tiny(**SONG)
+    net = tiny_net(**SONG_16)
     path = tmp_path / "snap.safetensors"
     save_snapshot(str(path), net, dict(dataset_name="cifar10"))
     data = path.read_bytes()
@@ -209,7 +198,7 @@ def test_snapshots_load_strictly(tmp_path, change, message):
     from click.testing import CliRunner
 
     good = tmp_path / "good.safetensors"
-    save_snapshot(str(good), tiny(**SONG), dict(dataset_name="cifar10"))
+    save_snapshot(str(good), tiny_net(**SONG_16), dict(dataset_name="cifar10"))
     bad = rewritten_snapshot(good, tmp_path / "bad.safetensors", change)
     for load in (load_snapshot, lambda path: load_network(model_path=path)):
         with pytest.raises(ValueError, match="stored tensors do not match EDMPrecond") as info:
@@ -226,9 +215,9 @@ def test_snapshot_refuses_unregistered_classes_and_bad_settings(tmp_path):
         pass
 
     with pytest.raises(ValueError, match="NETWORK_CLASSES"):
-        save_snapshot(str(tmp_path / "x.safetensors"), Private(**SONG), {})
+        save_snapshot(str(tmp_path / "x.safetensors"), Private(**SONG_16), {})
     with pytest.raises(ValueError, match="JSON"):
-        save_snapshot(str(tmp_path / "x.safetensors"), tiny(**SONG), {"bad": object()})
+        save_snapshot(str(tmp_path / "x.safetensors"), tiny_net(**SONG_16), {"bad": object()})
     assert os.listdir(tmp_path) == []
 
 

@@ -14,6 +14,7 @@ import torch
 
 import solvers
 import training.training_loop as loop
+from tests.conftest import run_loop as run  # the loop from Python, as train.py runs it (run_dir made first)
 from training.training_loop import draw_sfdv_num_steps, training_loop
 
 
@@ -51,14 +52,6 @@ class Recorder:
 
     def role(self, role):
         return [c for c in self.calls if c["role"] == role]
-
-
-def run(pkl, **kw):
-    args = dict(model_path=pkl, batch_size=4, total_kimg=0.004, seed=3, device="cpu", progress=False, precision="fp32")
-    args.update(kw)
-    if args.get("run_dir"):
-        os.makedirs(args["run_dir"], exist_ok=True)  # train.py makes the run folder before the loop starts
-    return training_loop(**args)
 
 
 def euler(x, t_cur, t_next, denoised):

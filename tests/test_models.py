@@ -9,27 +9,7 @@ import torch
 
 from models import DhariwalUNet, EDMPrecond, SongUNet, VEPrecond, VPPrecond, iDDPMPrecond
 from models.edm import UNetBlock, is_step_layer_key
-from tests.conftest import DEVICES, convolution_dtypes
-
-SONG = dict(img_resolution=16, img_channels=3, model_type="SongUNet", model_channels=16, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[8], dropout=0, augment_dim=9, embedding_type="positional",
-            encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1])
-ADM = dict(img_resolution=16, img_channels=3, label_dim=10, model_type="DhariwalUNet", model_channels=32,
-           channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0)
-
-
-def perturbed(net, seed=0, scale=0.05):
-    """EDM zero-initialises output layers; jitter every weight so each one influences D(x)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return net.eval()
-
-
-def build(cls=EDMPrecond, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    return perturbed(cls(**kwargs), seed)
+from tests.conftest import ADM_16, DEVICES, SONG_16, convolution_dtypes, perturbed, tiny_net
 
 
 def share_weights(dst, src):
@@ -39,7 +19,7 @@ def share_weights(dst, src):
 
 
 def test_song_unet_shapes_and_edm_names():
-    net = build(**SONG)
+    net = tiny_net(**SONG_16)
     x = torch.randn(2, 3, 16, 16)
     out = net(x, 1.5)
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -58,7 +38,7 @@ def test_song_unet_shapes_and_edm_names():
 
 
 def test_conditional_song_unet_uses_labels():
-    net = build(**dict(SONG, label_dim=10))
+    net = tiny_net(**dict(SONG_16, label_dim=10))
     assert "model.map_label.weight" in net.state_dict() and "model.map_label.bias" in net.state_dict()
     x = torch.randn(2, 3, 16, 16)
     a = net(x, 1.0, class_labels=torch.eye(10)[[0, 1]])
@@ -67,7 +47,7 @@ def test_conditional_song_unet_uses_labels():
 
 
 def test_dhariwal_unet_shapes_names_and_labels():
-    net = build(**ADM)
+    net = tiny_net(**ADM_16)
     keys = net.state_dict()
     for name in ["model.map_label.weight", "model.map_layer0.weight", "model.enc.16x16_conv.weight",
                  "model.enc.8x8_down.affine.weight", "model.enc.8x8_block0.qkv.weight", "model.dec.8x8_in0.norm2.weight",
@@ -84,7 +64,7 @@ def test_dhariwal_unet_shapes_names_and_labels():
 
 
 def test_edm_preconditioning_formula():
-    net = build(**SONG)
+    net = tiny_net(**SONG_16)
     x = torch.randn(3, 3, 16, 16)
     sigma = torch.tensor([0.02, 1.0, 60.0])
     s = sigma.reshape(-1, 1, 1, 1)
@@ -98,7 +78,7 @@ def test_edm_preconditioning_formula():
 
 
 def test_sigma_forms_broadcast_over_batch():
-    net = build(**SONG)
+    net = tiny_net(**SONG_16)
     x = torch.randn(3, 3, 16, 16)
     ref = net(x, torch.full([3], 2.5))
     torch.testing.assert_close(net(x, 2.5), ref)
@@ -109,9 +89,9 @@ def test_sigma_forms_broadcast_over_batch():
         net(x, torch.tensor([1.0, 2.0]))
 
 
-@pytest.mark.parametrize("arch", [SONG, ADM], ids=["song", "adm"])
+@pytest.mark.parametrize("arch", [SONG_16, ADM_16], ids=["song", "adm"])
 def test_zeroed_step_layers_reproduce_the_plain_network(arch):
-    plain = build(**arch)
+    plain = tiny_net(**arch)
     step = share_weights(EDMPrecond(**arch, use_step_condition=True), plain).eval()
     with torch.no_grad():  # affine_step = 0 makes the step path a no-op in both block kinds
         for name, p in step.named_parameters():
@@ -122,9 +102,9 @@ def test_zeroed_step_layers_reproduce_the_plain_network(arch):
     torch.testing.assert_close(step(x, 0.8, labels, step_condition=5), plain(x, 0.8, labels), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", [SONG, ADM], ids=["song", "adm"])
+@pytest.mark.parametrize("arch", [SONG_16, ADM_16], ids=["song", "adm"])
 def test_step_condition_changes_output_only_through_new_layers(arch):
-    net = build(**arch, use_step_condition=True)
+    net = tiny_net(**arch, use_step_condition=True)
     new = {k for k in net.state_dict() if is_step_layer_key(k)}
     assert {"model.map_step_layer0.weight", "model.map_step_layer1.weight", "model.enc.16x16_block0.affine_step.weight"} <= new
     x = torch.randn(2, 3, 16, 16)
@@ -135,9 +115,9 @@ def test_step_condition_changes_output_only_through_new_layers(arch):
         net(x, 1.0)
 
 
-@pytest.mark.parametrize("arch", [SONG, ADM], ids=["song", "adm"])
+@pytest.mark.parametrize("arch", [SONG_16, ADM_16], ids=["song", "adm"])
 def test_step_condition_reaches_every_encoder_and_decoder_block(arch):
-    net = build(**arch, use_step_condition=True)
+    net = tiny_net(**arch, use_step_condition=True)
     unet = net.model
     blocks = {f"{part}.{name}": block for part in ("enc", "dec") for name, block in getattr(unet, part).items()
               if isinstance(block, UNetBlock)}
@@ -166,7 +146,7 @@ def test_step_condition_reaches_every_encoder_and_decoder_block(arch):
     # And it acts there: zeroing only the decoder's affine_step changes D(x); zeroing the encoder's too removes
     # the rest of the step condition's effect.
     def with_zeroed(parts):
-        copy = build(**arch, use_step_condition=True)
+        copy = tiny_net(**arch, use_step_condition=True)
         copy.load_state_dict(net.state_dict())
         with torch.no_grad():
             for name, p in copy.named_parameters():
@@ -182,11 +162,11 @@ def test_step_condition_reaches_every_encoder_and_decoder_block(arch):
     assert (full - step7).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("arch", [SONG, dict(ADM, label_dim=0)], ids=["song", "adm"])
+@pytest.mark.parametrize("arch", [SONG_16, dict(ADM_16, label_dim=0)], ids=["song", "adm"])
 def test_step_embedding_takes_the_noise_path(arch):
-    # Paper's code: map_step is the same embedding as map_noise (SongUNet with its sin/cos swap, ADM
+    # Paper's code: map_step is the same embedding as map_noise (SongUNet with its sin/cos swap, ADM_16
     # without), then two SiLU layers. With the noise path's weights copied in, both give the same vector.
-    unet = build(**dict(arch, augment_dim=0), use_step_condition=True).model
+    unet = tiny_net(**dict(arch, augment_dim=0), use_step_condition=True).model
     with torch.no_grad():
         unet.map_step_layer0.load_state_dict(unet.map_layer0.state_dict())
         unet.map_step_layer1.load_state_dict(unet.map_layer1.state_dict())
@@ -205,7 +185,7 @@ def test_step_wiring_inside_blocks():
         folded.affine.bias += block.affine_step(emb_step)[0]
         torch.testing.assert_close(block(x, emb, emb_step), folded(x, emb), rtol=1e-5, atol=1e-5)
 
-        # Adaptive (ADM): norm1(x)(1+s)+h, then (.)(1+s')+h', i.e. one scale (1+s)(1+s')-1, shift h(1+s')+h'.
+        # Adaptive (ADM_16): norm1(x)(1+s)+h, then (.)(1+s')+h', i.e. one scale (1+s)(1+s')-1, shift h(1+s')+h'.
         block = perturbed(UNetBlock(32, 32, 64, adaptive_scale=True, use_step_condition=True))
         folded = perturbed(UNetBlock(32, 32, 64, adaptive_scale=True))
         folded.load_state_dict({k: v for k, v in block.state_dict().items() if "affine_step" not in k})
@@ -218,7 +198,7 @@ def test_step_wiring_inside_blocks():
 
 def test_step_layers_are_initialised_like_their_neighbours():
     torch.manual_seed(0)
-    net = EDMPrecond(**SONG, use_step_condition=True)
+    net = EDMPrecond(**SONG_16, use_step_condition=True)
     block = net.model.enc["16x16_block0"]
     assert block.affine_step.weight.shape == block.affine.weight.shape
     ratio = block.affine_step.weight.std() / block.affine.weight.std()
@@ -227,19 +207,19 @@ def test_step_layers_are_initialised_like_their_neighbours():
 
 
 def test_init_kwargs_rebuild_the_same_architecture():
-    for kwargs in (SONG, ADM, dict(SONG, use_step_condition=True)):
+    for kwargs in (SONG_16, ADM_16, dict(SONG_16, use_step_condition=True)):
         net = EDMPrecond(**kwargs)
         again = EDMPrecond(**json.loads(json.dumps(net.init_kwargs)))
         assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
         assert again.init_kwargs == net.init_kwargs
-    assert EDMPrecond(**SONG).use_step_condition is False
+    assert EDMPrecond(**SONG_16).use_step_condition is False
 
 
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="model_type"):
         EDMPrecond(img_resolution=8, img_channels=1, model_type="NoSuchUNet")
     with pytest.raises(ValueError, match="embedding_type"):
-        EDMPrecond(**dict(SONG, embedding_type="learned"))
+        EDMPrecond(**dict(SONG_16, embedding_type="learned"))
 
 
 class StubUNet(torch.nn.Module):
@@ -297,15 +277,15 @@ PRECOND_SIGMAS = {
 @pytest.mark.parametrize("cls", [EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond])
 def test_preconditioners_follow_edm_table_1(cls):
     """D(x) = c_skip x + c_out F(c_in x, c_noise): what reaches F and what comes back, against Table 1."""
-    arch = ADM if cls is iDDPMPrecond else SONG
-    net = build(cls, **arch)
+    arch = ADM_16 if cls is iDDPMPrecond else SONG_16
+    net = tiny_net(cls, **arch)
     sigma = np.array(PRECOND_SIGMAS[cls])
     batch = len(sigma)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 16, 16, generator=g)
     F = torch.randn(batch, 3 * net.model_out_factor, 16, 16, generator=g)  # iDDPM's F also returns variances
     net.model = StubUNet(F)
-    labels = torch.eye(10)[:batch] if arch is ADM else None
+    labels = torch.eye(10)[:batch] if arch is ADM_16 else None
     D = net(x, torch.tensor(sigma, dtype=torch.float32), class_labels=labels)
 
     c_skip, c_out, c_in, c_noise = (torch.tensor(c, dtype=torch.float32).reshape(-1, 1, 1, 1)
@@ -319,12 +299,12 @@ def test_preconditioners_follow_edm_table_1(cls):
 
 
 def test_vp_and_iddpm_noise_ranges_follow_edm():
-    vp = VPPrecond(**SONG)
+    vp = VPPrecond(**SONG_16)
     sigma_vp = lambda t: math.sqrt(math.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1)  # EDM Table 1, VP sigma(t)
     # EDM evaluates exp(~1e-6) - 1 in float32, as we do: a few ulps of 1 out of 1e-6, i.e. up to ~10% on sigma_min.
     assert vp.sigma_min == pytest.approx(sigma_vp(1e-5), rel=0.1)
     assert vp.sigma_max == pytest.approx(sigma_vp(1.0), rel=1e-6)
-    ddpm = iDDPMPrecond(**ADM)
+    ddpm = iDDPMPrecond(**ADM_16)
     u = iddpm_levels()
     # EDM runs the recursion in float32: each step scales u² + 1 with a relative error of ~1e-7, so after 1000 steps
     # u² + 1 is within 1e-4 relative (u itself loses more where u² << 1, hence the comparison on u² + 1).
@@ -338,7 +318,7 @@ def test_vp_and_iddpm_noise_ranges_follow_edm():
 def test_fp16_runs_the_convolutions_in_half_on_cuda_only_and_stays_close(device):
     """EDM's use_fp16: float16 convolutions and a float32 result close to fp32 on CUDA; on a CPU the same calls run
     in float32 and give the fp32 result exactly (EDM casts to float16 on CUDA only)."""
-    net = build(**SONG).to(device)
+    net = tiny_net(**SONG_16).to(device)
     x = torch.randn(2, 3, 16, 16, device=device)
     with torch.no_grad():
         ref, ref_dtypes = convolution_dtypes(lambda: net(x, 1.0))

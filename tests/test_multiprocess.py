@@ -1,24 +1,13 @@
 """Failures under torchrun (two gloo processes on the CPU): one line from the failing rank, exit code 2 on every
 rank, no rank left waiting, and torchrun names the failing rank as the root cause."""
 
-import os
 import re
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch.multiprocessing as mp
 
-from tests.conftest import ROOT
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def torchrun(script, *args, cwd):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, script), *args]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
+from tests.conftest import torchrun
 
 
 def worker_exit_codes(output):
@@ -37,7 +26,7 @@ def test_rank0_load_failure_ends_every_rank_with_its_one_line(tmp_path):
     bad = tmp_path / "broken.pkl"
     bad.write_text("not a network pickle\n")
     p = torchrun("train.py", "--model_path", str(bad), "--batch", "4", "--total_kimg", "0.008", "--seed", "1",
-                 "--device", "cpu", "--outdir", str(tmp_path / "exps"), cwd=tmp_path)
+                 "--device", "cpu", "--outdir", str(tmp_path / "exps"), cwd=tmp_path, timeout=240)
     out = p.stdout + p.stderr
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: {bad} is neither an SFD snapshot (.safetensors) nor an EDM network pickle (.pkl)"], out
@@ -50,7 +39,7 @@ def test_rank0_load_failure_ends_every_rank_with_its_one_line(tmp_path):
 @pytest.mark.slow
 def test_sample_option_error_is_printed_once(tmp_path):
     p = torchrun("sample.py", "--model_path", "7", "--exps_dir", str(tmp_path), "--seeds", "0-3", "--device",
-                 "cpu", cwd=tmp_path)
+                 "cpu", cwd=tmp_path, timeout=240)
     out = p.stdout + p.stderr
     errors = [line for line in out.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--model_path" in errors[0], out

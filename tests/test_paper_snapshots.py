@@ -79,22 +79,6 @@ def test_paper_snapshot_loads_and_denoises_like_the_saved_network(tmp_path, monk
         assert loaded.settings["step_condition_range"] == [4, 7]
 
 
-def test_paper_snapshot_samples_through_sample_py(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    import sample
-
-    monkeypatch.setitem(BACKBONES, "tinypaper", TINY_ROW)
-    saved = EDMPrecond(**TINY_ROW.interface_kwargs(), use_step_condition=True)
-    path = tmp_path / "paper.pkl"
-    write_paper_pickle(path, saved, paper_settings(use_step_condition=True))
-    r = CliRunner().invoke(sample.main, ["--model_path", str(path), "--seeds", "0-1", "--num_steps", "6",
-                                         "--outdir", str(tmp_path / "out"), "--device", "cpu"])
-    assert r.exit_code == 0, r.output
-    assert "NFE 4" in r.output
-    assert len(list((tmp_path / "out").rglob("*.png"))) == 2
-
-
 def test_paper_snapshot_with_code_in_its_state_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(BACKBONES, "tinypaper", TINY_ROW)
     marker = tmp_path / "ran"

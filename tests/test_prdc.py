@@ -11,7 +11,7 @@ from click.testing import CliRunner
 import fid
 import prdc  # the CLI in the repository root
 from metrics.prdc import compute_prdc, knn_sq_radii
-from tests.conftest import CallRecorder, assert_one_line_refusal, documented_defaults
+from tests.conftest import CallRecorder, assert_one_line_refusal, documented_defaults, torchrun
 from tests.test_fid import (URL_DETECTOR, bad_inputs, random_images, refused, save_detector,  # noqa: F401
                             write_pngs)
 
@@ -106,21 +106,13 @@ def test_cli_same_and_different_folders(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     det = save_detector(tmp_path / "tiny.pt")
     a = write_pngs(tmp_path / "a", random_images(25, seed=3))  # odd counts: ranks hold 13 and 12
     b = write_pngs(tmp_path / "b", random_images(23, seed=4, lo=30))
     args = ["calc", "--images", b, "--images_ref", a, "--detector", det, "--workers", "0", "--batch", "4"]
     single = CliRunner().invoke(prdc.main, args)
     assert single.exit_code == 0, single.output
-    env = dict(os.environ, SFD_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(root, "prdc.py")] + args
-    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    p = torchrun("prdc.py", *args, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("precision:") == 1
     assert _scores(p.stdout) == _scores(single.output) and len(_scores(single.output)) == 4

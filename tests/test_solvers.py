@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from solvers import (SOLVERS, TABLE, afs_slope, dpm_2_sampler, dpm_pp_sampler, dynamic_threshold,
+from solvers import (SOLVERS, TABLE, dpm_2_sampler, dpm_pp_sampler, dynamic_threshold,
                      euler_sampler, euler_step, get_schedule, heun_sampler, ipndm_sampler, nfe_of)
 from solvers.dpm_solver_pp import multistep_update
 
@@ -277,15 +277,6 @@ def test_nfe_of_values():
     assert nfe_of("dpmpp", 6, max_order=3, predict_x0=True, lower_order_final=True) == 5
 
 
-def test_afs_first_euler_step_is_analytic():
-    latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    t0, t1 = 80.0, 10.0
-    x = euler_sampler(forbidden_net, latents, t_steps=[t0, t1], afs=True)
-    x0 = latents * t0
-    torch.testing.assert_close(x, x0 + (t1 - t0) * x0 / math.sqrt(1 + t0 ** 2))
-    torch.testing.assert_close(afs_slope(x0, t0), x0 / math.sqrt(1 + t0 ** 2))
-
-
 def test_afs_first_dpmpp_step_stores_x_minus_t_d():
     # the stored data estimate is x - t0·d_AFS = x·(1 - t0/sqrt(1 + t0²)), thresholded, then one 1st-order step
     latents = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64) * 500
@@ -339,13 +330,6 @@ def test_afs_replaces_the_first_network_call_only(name, options, num_steps):
     # The AFS step's result comes from d = x/sqrt(1 + t_0²) (the schedule is float32, as the sampler keeps it).
     t0, t1 = (torch.tensor(v, dtype=torch.float32).double() for v in t[:2])
     torch.testing.assert_close(traj[1], expected_first_step(name, options, latents * t0, t0, t1), rtol=1e-12, atol=0)
-
-
-@pytest.mark.parametrize("sampler", [heun_sampler, dpm_2_sampler])
-def test_afs_keeps_the_second_evaluation(sampler):
-    net = RecordingNet()
-    sampler(net, torch.randn(1, 1, 2, 2), t_steps=[80.0, 10.0], afs=True)
-    assert net.calls == 1 and net.records[0]["sigma"].item() < 80.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,6 @@ import copy
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,9 +11,9 @@ from click.testing import CliRunner
 
 import dnnlib
 import train
-from tests.conftest import DEVICES, ROOT
+from tests.conftest import DEVICES, run_loop, torchrun
 from training import sfd_loss
-from training.training_loop import sfd_iteration, training_loop
+from training.training_loop import sfd_iteration
 
 TINY_RUN = ["--batch", "4", "--total_kimg", "0.008", "--seed", "1", "--device", "cpu"]
 
@@ -211,12 +209,6 @@ def fixed_batch_losses(student, teacher, latents, schedule, cfg, afs):
     return [float(step[0].mean()) for step in res.losses]
 
 
-def _loop(pkl, **kw):
-    args = dict(model_path=pkl, batch_size=4, total_kimg=0.008, seed=3, device="cpu", progress=False)
-    args.update(kw)
-    return training_loop(**args)
-
-
 def test_loss_is_zero_when_student_equals_euler_teacher_with_M0(tiny_teacher_pkl):
     _, net = tiny_teacher_pkl
     net = net.eval()
@@ -231,14 +223,6 @@ def test_loss_is_zero_when_student_equals_euler_teacher_with_M0(tiny_teacher_pkl
     assert max(fixed_batch_losses(net, net, latents, schedule3, cfg, afs=False)) > 1e-3
 
 
-def test_teacher_slice_lines_up_with_student_points():
-    s = sfd_loss.make_distill_schedule(4, 3, 0.006, 80.0, "polynomial", 7)
-    t_teacher = __import__("solvers").get_schedule(s.num_steps_teacher, 0.006, 80.0, schedule_type="polynomial",
-                                                   schedule_rho=7)
-    assert s.num_steps_teacher == 13 and s.teacher_index == (4, 8, 12)
-    torch.testing.assert_close(t_teacher[[0, 4, 8, 12]], s.t_steps)
-
-
 def test_training_lowers_fixed_batch_loss_and_leaves_teacher_unchanged(tiny_teacher_pkl):
     pkl, original = tiny_teacher_pkl
     latents = torch.randn([16, 1, 8, 8], generator=torch.Generator().manual_seed(123))
@@ -246,7 +230,7 @@ def test_training_lowers_fixed_batch_loss_and_leaves_teacher_unchanged(tiny_teac
     cfg = sfd_loss.TeacherConfig(solver="dpmpp", sigma_min=0.006, sigma_max=80.0,
                                  solver_options=dict(max_order=3, predict_x0=True, lower_order_final=True))
     before = sum(fixed_batch_losses(original.eval(), original.eval(), latents, schedule, cfg, afs=True))
-    res = _loop(pkl, total_kimg=0.128, batch_size=8, lr=2e-3, max_order=3)
+    res = run_loop(pkl, total_kimg=0.128, batch_size=8, lr=2e-3, max_order=3)
     after = sum(fixed_batch_losses(res.net.eval(), res.teacher, latents, schedule, cfg, afs=True))
     assert after < 0.8 * before, (before, after)
     for (k, a), b in zip(original.state_dict().items(), res.teacher.state_dict().values()):
@@ -266,7 +250,7 @@ def test_no_optimizer_step_for_the_afs_step(tiny_teacher_pkl, monkeypatch, afs, 
         return original_step(self, *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
-    _loop(pkl, num_steps=4, afs=afs, total_kimg=0.012)  # 3 iterations of batch 4
+    run_loop(pkl, num_steps=4, afs=afs, total_kimg=0.012)  # 3 iterations of batch 4
     assert len(calls) == 3 * expected_per_iteration
 
 
@@ -300,14 +284,9 @@ def test_sfdv_snapshot_samples_at_every_num_steps_and_second_stage_runs(tmp_path
 
     import sample
 
-    # Each num_steps samples with step condition num_steps: every network call receives it.
-    for n in (4, 5, 6, 7):
-        pngs, received = sample_sfdv(snap, n, tmp_path / f"s{n}", monkeypatch)
-        assert len(pngs) == 3 and len(received) == n - 2  # one batch; Euler with AFS: n - 2 network calls
-        assert all(torch.equal(torch.as_tensor(c, dtype=torch.float32).reshape(-1), torch.full([1], float(n)))
-                   for c in received), (n, received)
-    # ... and the network acts on it. A few kimg of training leave the step path's effect below one uint8 level,
-    # so this part samples a copy of the snapshot with every weight jittered (same settings).
+    # sample.py passes num_steps as the step condition of every call (all of 4..7 on the paper's SFD-v snapshot:
+    # tests/test_loop_behaviour.py), and the network acts on it. A few kimg of training leave the step path's effect
+    # below one uint8 level, so this samples a copy of our snapshot with every weight jittered (same settings).
     from models import load_snapshot, save_snapshot
 
     net, settings = load_snapshot(snap)
@@ -318,7 +297,10 @@ def test_sfdv_snapshot_samples_at_every_num_steps_and_second_stage_runs(tmp_path
     jittered = str(tmp_path / "jittered.safetensors")
     save_snapshot(jittered, net, settings)
     for n in (4, 7):
-        own, _ = sample_sfdv(jittered, n, tmp_path / f"j{n}", monkeypatch)
+        own, received = sample_sfdv(jittered, n, tmp_path / f"j{n}", monkeypatch)
+        assert len(own) == 3 and len(received) == n - 2  # one batch; Euler with AFS: n - 2 network calls
+        assert all(torch.equal(torch.as_tensor(c, dtype=torch.float32).reshape(-1), torch.full([1], float(n)))
+                   for c in received), (n, received)
         other, _ = sample_sfdv(jittered, n, tmp_path / f"j{n}-fed", monkeypatch, feed=11 - n)
         assert own != other, n  # the same schedule under another step condition gives other images
     bad = CliRunner().invoke(sample.main, ["--model_path", snap, "--num_steps", "8", "--device", "cpu",
@@ -361,7 +343,7 @@ def test_second_stage_with_lpips_offline_fails_clearly(tmp_path, tiny_teacher_pk
 
 def test_class_conditional_teacher_trains(tmp_path, tiny_cond_teacher_pkl):
     pkl, _ = tiny_cond_teacher_pkl
-    res = _loop(pkl, sampler_tea="heun", num_steps=3, M=1, afs=False)
+    res = run_loop(pkl, sampler_tea="heun", num_steps=3, M=1, afs=False, total_kimg=0.008)
     assert res.settings["sampler_tea"] == "heun"
     assert all(torch.isfinite(p).all() for p in res.net.parameters())
 
@@ -369,11 +351,8 @@ def test_class_conditional_teacher_trains(tmp_path, tiny_cond_teacher_pkl):
 @pytest.mark.slow
 def test_torchrun_two_processes_cpu(tmp_path, tiny_teacher_pkl):
     pkl, _ = tiny_teacher_pkl
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), "--outdir", str(tmp_path), "--model_path", pkl, "--batch", "4",
-           "--total_kimg", "0.008", "--seed", "5", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = torchrun("train.py", "--outdir", str(tmp_path), "--model_path", pkl, "--batch", "4", "--total_kimg", "0.008",
+                 "--seed", "5", "--device", "cpu")
     assert p.returncode == 0, p.stdout + p.stderr
     run = only_dir(str(tmp_path / "00000-*"))
     assert len(glob.glob(os.path.join(run, "network-snapshot-*.safetensors"))) == 1
@@ -419,9 +398,9 @@ def test_gradient_accumulation_rounds_match_one_big_batch(tiny_teacher_pkl, monk
     optimizers = []
     monkeypatch.setattr(loop.torch, "randn", fixed_latents)
     monkeypatch.setattr(torch.optim, "Adam", lambda *a, **k: optimizers.append(RecordingSGD(*a, **k)) or optimizers[-1])
-    one = _loop(pkl, batch_size=8, total_kimg=0.016, lr=1e-3)
+    one = run_loop(pkl, batch_size=8, total_kimg=0.016, lr=1e-3)
     served.clear()
-    four = _loop(pkl, batch_size=8, batch_gpu=2, total_kimg=0.016, lr=1e-3)
+    four = run_loop(pkl, batch_size=8, batch_gpu=2, total_kimg=0.016, lr=1e-3)
     big, rounds = optimizers
     assert len(big.grads) == len(rounds.grads) == 4  # 2 iterations × 2 student steps with a network call
     names = [name for name, _ in one.net.named_parameters()]
@@ -462,9 +441,9 @@ def test_teacher_batching_across_rounds_gives_the_same_targets(tiny_teacher_pkl)
 def test_bf16_and_channels_last_paths_track_fp32(tiny_teacher_pkl):
     """The speed switches change how, not what: first-tick losses stay close to the fp32 reference."""
     pkl, _ = tiny_teacher_pkl
-    ref = _loop(pkl, total_kimg=0.004, precision="fp32")
-    cl = _loop(pkl, total_kimg=0.004, precision="fp32", channels_last=True)
-    bf = _loop(pkl, total_kimg=0.004, mixed_on_cpu=True, precision="bf16")
+    ref = run_loop(pkl, total_kimg=0.004, precision="fp32")
+    cl = run_loop(pkl, total_kimg=0.004, precision="fp32", channels_last=True)
+    bf = run_loop(pkl, total_kimg=0.004, mixed_on_cpu=True, precision="bf16")
     for (k, a), b, c in zip(ref.net.state_dict().items(), cl.net.state_dict().values(), bf.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
         # One Adam step of lr 5e-5 moves a weight by ≤ ~1e-4 whatever the gradient: compare the update direction.
@@ -508,26 +487,12 @@ def test_compiled_sfdv_student_is_one_graph_for_every_step_count(tiny_teacher_pk
     monkeypatch.setattr(sfd_loss, "student_step", recording)
     torch.compiler.reset()
     COMPILED_GRAPHS.clear()
-    compiled = _loop(pkl, precision="fp32", compile="sfd_test_counting", use_step_condition=True, total_kimg=0.032)
+    compiled = run_loop(pkl, precision="fp32", compile="sfd_test_counting", use_step_condition=True, total_kimg=0.032)
     assert len(set(drawn)) >= 3, drawn  # several step counts were trained
     assert len(COMPILED_GRAPHS) == 2, [g.code for g in COMPILED_GRAPHS]
-    eager = _loop(pkl, precision="fp32", use_step_condition=True, total_kimg=0.032)
+    eager = run_loop(pkl, precision="fp32", use_step_condition=True, total_kimg=0.032)
     for (k, a), b in zip(eager.net.state_dict().items(), compiled.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
-
-
-@pytest.mark.parametrize("thresholding", [True, False])
-def test_teacher_thresholding_switch_reaches_dpm_solver_pp(tiny_teacher_pkl, monkeypatch, thresholding):
-    import solvers.dpm_solver_pp as pp
-
-    pkl, _ = tiny_teacher_pkl
-    calls = []
-    real = pp.dynamic_threshold
-    monkeypatch.setattr(pp, "dynamic_threshold", lambda x0, *a, **k: calls.append(1) or real(x0, *a, **k))
-    res = _loop(pkl, thresholding=thresholding, total_kimg=0.004)
-    assert res.settings["thresholding"] is thresholding
-    assert (len(calls) == 12) is thresholding  # 13 teacher points: 12 data predictions, all thresholded or none
-    assert (len(calls) == 0) is (not thresholding)
 
 
 @pytest.mark.parametrize("device", DEVICES)
