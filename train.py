@@ -42,8 +42,9 @@ D = DistillConfig  # its class attributes are the defaults of the options below:
 
 def _dataset_names():
     from models import BACKBONES
+    from models.loader import DIFFUSERS
 
-    return sorted(BACKBONES)
+    return sorted(BACKBONES) + [DIFFUSERS]
 
 
 def schedule_tag(schedule_type, schedule_rho):
@@ -59,7 +60,7 @@ def distilled_nfe(num_steps, afs, guidance_type=None):
 def run_name(opts):
     """Experiment folder name: dataset-num_steps-NFE-teacher solver-M-schedule[-afs][-desc]. The second stage's
     teacher is the first-stage model under Euler with its own schedule, read from the snapshot when it is ours."""
-    name = opts.dataset_name or os.path.splitext(os.path.basename(opts.model_path))[0]
+    name = opts.dataset_name or os.path.splitext(os.path.basename(os.path.normpath(opts.model_path)))[0]
     solver, schedule_type, schedule_rho = opts.sampler_tea, opts.schedule_type, opts.schedule_rho
     if opts.is_second_stage:
         solver = "euler"
@@ -98,8 +99,9 @@ def check_options(opts, world_size):
         cfg.batch_geometry(world_size)
     except OptionError as e:
         raise click.BadParameter(str(e), param_hint=flag_of(e.option)) from None
-    if opts.dataset_name and not opts.is_second_stage:
-        from models import BACKBONES, NETWORK_CLASSES
+    from models import BACKBONES, NETWORK_CLASSES
+
+    if opts.dataset_name in BACKBONES and not opts.is_second_stage:
         from training.teacher import check_guidance
 
         own = getattr(NETWORK_CLASSES[BACKBONES[opts.dataset_name].network_class], "guidance_type", None)
@@ -145,7 +147,8 @@ def _bool(name, default, text):
 
 
 @click.command(help=__doc__)
-@click.option("--dataset_name", help="Built-in backbone (see models/registry.py); optional when --model_path is given",
+@click.option("--dataset_name", help="Built-in backbone (see models/registry.py), or 'diffusers' for a pipeline folder; "
+              "optional when --model_path is given",
               metavar="STR", type=str, default=None)
 @click.option("--outdir", help="Where experiment folders go", metavar="DIR", type=str, default="./exps",
               show_default=True)
@@ -178,8 +181,9 @@ def _bool(name, default, text):
 @_bool("--use_step_condition", D.use_step_condition, "SFD-v: one model for num_steps {}..{} via a step-condition "
        "embedding".format(*SFDV_NUM_STEPS))
 @_bool("--is_second_stage", D.is_second_stage, "Second stage: distil a first-stage snapshot (--model_path) to 1 NFE")
-@click.option("--model_path", help="Second stage: a first-stage snapshot. First stage: any EDM-format .pkl, or with "
-              "an LDM/SD --dataset_name its CompVis checkpoint or diffusers folder",
+@click.option("--model_path", help="Second stage: a first-stage snapshot. First stage: any EDM-format .pkl, any "
+              "diffusers pipeline folder (DDPM/DDIM, SD 1.x/2.x), or with an LDM/SD --dataset_name its CompVis "
+              "checkpoint or diffusers folder",
               metavar="PATH", type=str, default=None)
 @click.option("--guidance_type", help="Guidance of LDM/SD backbones", type=click.Choice(["cfg", "uncond"]),
               default=None)
@@ -351,6 +355,9 @@ def run_training(c, run_dir, resume_state=None, dry_run=False, nosubdir=False, d
         net = loaded[0].net  # (loaded network, teacher settings...)
         if captions is not None and hasattr(net, "use_caption_file"):
             net.use_caption_file(captions)  # the student and the teacher copy share it
+        if captions is None and getattr(net, "needs_caption_file", False):
+            raise click.BadParameter("a diffusers text-to-image pipeline has no caption file of its own: give "
+                                     "--captions=CSV (a 'text' column) to draw training prompts from", param_hint="--captions")
         open_run_dir()
         training_loop(run_dir=run_dir, resume_state=resume_state, loaded=loaded, **vars(cfg))
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError, PerceptualUnavailable, FileNotFoundError) as e:

@@ -251,6 +251,8 @@ class DiffusersTextToImagePrecond(_DiffusersDenoiser, TextToImagePrecond):
     """A Stable Diffusion 1.x / 2.x pipeline (UNet2DConditionModel, CLIP text encoder, KL autoencoder); guidance,
     prompts, captions and decoding as ms_coco's (models/latent/precond.py)."""
 
+    needs_caption_file = True  # training prompts come from --captions (there is no download to fall back on)
+
     def __init__(self,
                  pipeline,
                  unet_class,                # 'UNet2DConditionModel'

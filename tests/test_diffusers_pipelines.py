@@ -111,3 +111,49 @@ def test_sd2_v_prediction_pipeline_agrees_with_diffusers(sd2):
     worst = check_agreement(net, lambda x, t: unet(x, t, encoder_hidden_states=cond).sample, (2, 4, 8, 8), cond)
     print(f"SD-2 v_prediction: max relative difference to diffusers {worst:.2e}")
     assert worst < REL_TOL
+
+
+def _edit(folder, path, **changes):
+    with open(os.path.join(folder, path)) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(os.path.join(folder, path), "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("weights", ["diffusion_pytorch_model.safetensors", "U-Net does not match its configuration", "wrong shape"]),
+    ("prediction_type", ["unknown prediction_type 'x_start'", "epsilon, v_prediction, sample"]),
+    ("scheduler", ["scheduler 'FlowMatchEulerDiscreteScheduler' cannot be mapped"]),
+    ("zero_snr", ["rescale_betas_zero_snr=True cannot be mapped"]),
+    ("sdxl", ["SDXL-style pipelines", "not supported"]),
+    ("sfdv", ["--use_step_condition", "not available for diffusers pipelines"]),
+])
+def test_strict_loading_refuses_in_one_line(pixel, tmp_path, monkeypatch, case, words):
+    import shutil
+
+    from click.testing import CliRunner
+
+    import train
+    from tests.conftest import assert_one_line_refusal
+
+    folder = str(tmp_path / "pipe")
+    shutil.copytree(pixel, folder)
+    extra = []
+    if case == "weights":  # the config says 48 channels, the weights hold 32
+        _edit(folder, "unet/config.json", block_out_channels=[48, 32])
+    elif case == "prediction_type":
+        _edit(folder, "scheduler/scheduler_config.json", prediction_type="x_start")
+    elif case == "scheduler":
+        _edit(folder, "scheduler/scheduler_config.json", _class_name="FlowMatchEulerDiscreteScheduler")
+    elif case == "zero_snr":
+        _edit(folder, "scheduler/scheduler_config.json", rescale_betas_zero_snr=True)
+    elif case == "sdxl":
+        _edit(folder, "model_index.json", text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
+    else:
+        extra = ["--use_step_condition", "True"]
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(train.main, ["--model_path", folder, "--batch", "2", "--total_kimg", "0.002",
+                                             "--device", "cpu", "--num_steps", "4", "--afs", "False", *extra])
+    assert_one_line_refusal(result, *words)
+    assert not os.path.exists("exps")
