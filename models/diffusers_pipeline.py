@@ -26,7 +26,7 @@ import torch
 
 from .edm import RecordedModule
 from .latent.checkpoints import read_diffusers_weights, read_json, take_strict
-from .latent.precond import TextToImagePrecond, _FrozenParts, _interp
+from .latent.precond import LatentDiffusionPrecond, TextToImagePrecond, _FrozenParts, _interp
 from .precond import per_sample
 from .snapshot import register_network_class
 
@@ -50,13 +50,18 @@ def alphas_cumprod_from(schedule):
     return EulerDiscreteScheduler(**schedule).alphas_cumprod.clone()
 
 
+def _component(folder, part, why):
+    """(path, config dict, _class_name) of one component's config file, refused in one line when absent."""
+    path = os.path.join(folder, part)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} has no {part}; {why}")
+    config = read_json(path)
+    return path, config, config.get("_class_name")
+
+
 def read_scheduler(folder):
     """(schedule keywords, prediction_type) of a pipeline's scheduler config, or a one-line ValueError."""
-    path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no scheduler/scheduler_config.json; a diffusers pipeline folder needs one")
-    config = read_json(path)
-    name = config.get("_class_name")
+    path, config, name = _component(folder, "scheduler/scheduler_config.json", "a diffusers pipeline folder needs one")
     if name not in SCHEDULER_CLASSES:
         raise ValueError(f"{path}: scheduler {name!r} cannot be mapped to a VP-discrete schedule; supported: "
                          f"{', '.join(SCHEDULER_CLASSES)} (edit _class_name if its betas are a DDPM schedule)")
@@ -76,11 +81,7 @@ def read_scheduler(folder):
 
 
 def read_unet_config(folder):
-    path = os.path.join(folder, "unet", "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{folder} has no unet/config.json; SFD distils the pipeline's U-Net")
-    config = read_json(path)
-    name = config.get("_class_name")
+    path, config, name = _component(folder, "unet/config.json", "SFD distils the pipeline's U-Net")
     if name not in UNET_CLASSES:
         raise ValueError(f"{path}: a {name!r} denoiser; supported: {', '.join(UNET_CLASSES)} (DDPM/DDIM, SD 1.x/2.x)")
     return name, {k: v for k, v in config.items() if not k.startswith("_")}
@@ -155,11 +156,8 @@ class _DiffusersDenoiser:
     def _setup(self, pipeline, unet_class, unet_config, schedule, prediction_type, use_fp16):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
-        self.pipeline = pipeline
-        self.unet_class = unet_class
-        self.prediction_type = prediction_type
-        self.use_fp16 = use_fp16
-        self.use_step_condition = False
+        self.pipeline, self.unet_class, self.prediction_type = pipeline, unet_class, prediction_type
+        self.use_fp16, self.use_step_condition = use_fp16, False
         self.unet = build_unet(unet_class, unet_config)
         self.img_resolution = int(unet_config["sample_size"] if isinstance(unet_config.get("sample_size"), int)
                                   else unet_config["sample_size"][0])
@@ -195,8 +193,7 @@ class _DiffusersDenoiser:
         t = (self.timestep(sigma) + 1) / self.M
         return t.to(sigma.dtype if sigma.is_floating_point() else torch.float32)
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
+    round_sigma = LatentDiffusionPrecond.round_sigma
 
     def forward(self, x, sigma, class_labels=None, condition=None, unconditional_condition=None,
                 step_condition=None, augment_labels=None, force_fp32=False):
