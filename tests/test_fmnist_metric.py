@@ -121,3 +121,22 @@ def test_quickstart_sentence_states_the_comparison(student_fid, verdict):
                                                                                         fid=9.0), 3.14)
     assert s == (f"Result: after 3.1 minutes of distillation, the 2-NFE SFD student {verdict} DPM-Solver++(3M) at "
                  f"5 NFE on teacher-FID ({student_fid:.2f} vs 2.00; data-FID 10.00 vs 9.00).")
+
+
+def test_afs_export_cost_scores_the_student_with_and_without_its_first_step(tmp_path, tiny_teacher_pkl):
+    import train
+    from experiments import afs_export_cost
+
+    r = CliRunner().invoke(train.main, ["--outdir", str(tmp_path), "--model_path", tiny_teacher_pkl[0], "--batch",
+                                        "4", "--total_kimg", "0.004", "--seed", "1", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    r = CliRunner().invoke(afs_export_cost.main, ["--student", str(run), "--teacher_ref", DATA_REF, "--num", "4",
+                                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rows = [ln.rsplit(maxsplit=3) for ln in r.output.splitlines()[2:]]
+    assert [(name.strip(), int(nfe)) for name, nfe, _, _ in rows] == [("as distilled", 2),
+                                                                       ("as exported (AFS off)", 3)]
+    assert rows[0][2:] != rows[1][2:]  # another first step, other images
+    r = CliRunner().invoke(afs_export_cost.main, ["--student", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "--student" in r.output
