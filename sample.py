@@ -384,9 +384,6 @@ def main(seeds, max_batch_size, grid, subdirs, save_images, outdir, **opts):
                                                        device=device))
     except (ValueError, pickle.UnpicklingError, dnnlib.DownloadError) as e:
         raise CommandError(e) from None
-    if opts.dataset_name and loaded.dataset_name and opts.dataset_name != loaded.dataset_name:
-        raise click.BadParameter(f"the model was built for {loaded.dataset_name!r}, not {opts.dataset_name!r}",
-                                 param_hint="--dataset_name")
     net = loaded.net
     check_model_takes(net, opts)
     if opts.captions is not None:

@@ -542,3 +542,12 @@ def test_guidance_the_network_cannot_apply_is_reported(tmp_path):
     assert ("Note: the snapshot records classifier-free guidance (guidance_rate 7.5), which this network cannot "
             "apply; sampling without guidance") in r.output
     assert "NFE 2," in r.output  # the calls actually made, not doubled
+
+
+def test_a_dataset_name_other_than_the_snapshots_is_refused_in_one_line(snapshot, tmp_path):
+    _, run = snapshot
+    snap = str(run / "network-snapshot-000020.safetensors")
+    r = run_sample("--model_path", snap, "--dataset_name", "cifar10", "--seeds", "0", "--outdir", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "trained for dataset_name='tiny'" in r.output and "not 'cifar10'" in r.output
+    assert not os.path.exists(tmp_path / "o")
