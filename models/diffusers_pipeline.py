@@ -14,8 +14,12 @@ alphas_cumprod is bit for bit diffusers'. Denoiser, in the VE form x = y + sigma
     clamped to 0 .. T-1, as EulerDiscreteScheduler._sigma_to_t),  F = U-Net(x_in, t)
     epsilon: D = x - sigma F;  v_prediction: D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) F;  sample: D = F
 
-The sigma range is the scheduler's own: sigma(t = 0) .. sigma(t = T-1). SFD-v's step layers are not added to
-diffusers' U-Nets (refused). The frozen autoencoder and text encoder are read with diffusers / transformers from the
+The sigma range is the scheduler's own: sigma(t = 0) .. sigma(t = T-1). SFD-v (use_step_condition) rebuilds the U-Net
+from its config with diffusers' own class_embed_type="timestep": a fresh TimestepEmbedding (default init) embeds the
+student's num_steps through the U-Net's time projection, added to the time embedding, and the U-Net is called with
+class_labels = num_steps; the pre-trained weights load strictly into everything else. The teacher drops that
+embedding (ignore_step_condition), so it is the pre-trained U-Net exactly. Class-conditional U-Nets (their class
+embedding is taken) refuse SFD-v. The frozen autoencoder and text encoder are read with diffusers / transformers from the
 pipeline folder, which a snapshot names (`pipeline` in its init_kwargs). SDXL and other multi-encoder or
 added-condition pipelines are refused in one line.
 """
@@ -106,23 +110,42 @@ def _check_supported(folder, unet_class, unet_config):
             raise ValueError(f"{folder}: a text-to-image U-Net with class embeddings is not supported")
 
 
-def build_unet(unet_class, unet_config):
+STEP_EMBEDDING = "class_embedding"  # SFD-v's step embedding: diffusers' class_embed_type="timestep" (module docstring)
+
+
+def build_unet(unet_class, unet_config, use_step_condition=False):
     import diffusers
 
+    if use_step_condition:
+        unet_config = dict(unet_config, class_embed_type="timestep")
     return getattr(diffusers, unet_class).from_config(unet_config)
+
+
+def _check_step_condition(folder, unet_config):
+    """SFD-v needs the U-Net's class embedding free and a time projection that takes real numbers."""
+    why = None
+    if unet_config.get("num_class_embeds"):
+        why = "its U-Net is class-conditional (num_class_embeds), and the step condition enters as the class embedding"
+    elif unet_config.get("time_embedding_type") == "learned":
+        why = "its U-Net's learned time embedding takes integer timesteps only"
+    elif unet_config.get("class_embeddings_concat"):
+        why = "its U-Net concatenates class embeddings (class_embeddings_concat)"
+    if why:
+        raise ValueError(f"--use_step_condition (SFD-v) is not available for {folder}: {why}; distil SFD with "
+                         "--use_step_condition=False")
 
 
 def build_pipeline(folder, use_step_condition=False):
     """(net, settings) for a diffusers pipeline folder; every refusal is one ValueError line."""
     folder = os.path.abspath(folder)
-    if use_step_condition:
-        raise ValueError("--use_step_condition (SFD-v) is not available for diffusers pipelines (no step layers in "
-                         "diffusers' U-Nets); distil SFD with --use_step_condition=False")
     unet_class, unet_config = read_unet_config(folder)
     _check_supported(folder, unet_class, unet_config)
+    use_step_condition = bool(use_step_condition)
+    if use_step_condition:
+        _check_step_condition(folder, unet_config)
     schedule, prediction_type = read_scheduler(folder)
     kwargs = dict(pipeline=folder, unet_class=unet_class, unet_config=unet_config, schedule=schedule,
-                  prediction_type=prediction_type)
+                  prediction_type=prediction_type, use_step_condition=use_step_condition)
     if unet_class == "UNet2DConditionModel":
         vae = read_json(os.path.join(folder, "vae", "config.json"))
         kwargs.update(scaling_factor=float(vae.get("scaling_factor", 0.18215)), guidance_rate=1.0)
@@ -135,16 +158,18 @@ def build_pipeline(folder, use_step_condition=False):
         except (TypeError, ValueError, KeyError) as e:
             raise ValueError(f"{folder}/unet/config.json cannot build {unet_class}: {' '.join(str(e).split())}") from None
     found, source = read_diffusers_weights(os.path.join(folder, "unet"))
-    copy_unet(net.unet, found, source)
+    copy_unet(net.unet, found, source, fresh=(STEP_EMBEDDING + ".",) if use_step_condition else ())
     settings = dict(dataset_name=DATASET_NAME, model_source="diffusers", model_path=folder, sigma_min=net.sigma_min,
-                    sigma_max=net.sigma_max, use_step_condition=False, guidance_type=net.guidance_type)
+                    sigma_max=net.sigma_max, use_step_condition=use_step_condition, guidance_type=net.guidance_type)
     return net, settings
 
 
-def copy_unet(unet, found, source):
-    """Strict copy of diffusers-named U-Net tensors (every key, every shape)."""
+def copy_unet(unet, found, source, fresh=()):
+    """Strict copy of diffusers-named U-Net tensors (every key, every shape) but those under the `fresh` prefixes
+    (SFD-v's new step embedding), which keep their initialisation."""
     own = unet.state_dict()
-    taken = take_strict({k: tuple(v.shape) for k, v in own.items()}, found, source, "U-Net")
+    expected = {k: tuple(v.shape) for k, v in own.items() if not k.startswith(tuple(fresh))}
+    taken = take_strict(expected, found, source, "U-Net")
     with torch.no_grad():
         for key, value in taken.items():
             own[key].copy_(value)
@@ -153,12 +178,12 @@ def copy_unet(unet, found, source):
 class _DiffusersDenoiser:
     """The VP-discrete denoiser over a diffusers U-Net (module docstring); shared by the pixel and text classes."""
 
-    def _setup(self, pipeline, unet_class, unet_config, schedule, prediction_type, use_fp16):
+    def _setup(self, pipeline, unet_class, unet_config, schedule, prediction_type, use_fp16, use_step_condition):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
         self.pipeline, self.unet_class, self.prediction_type = pipeline, unet_class, prediction_type
-        self.use_fp16, self.use_step_condition = use_fp16, False
-        self.unet = build_unet(unet_class, unet_config)
+        self.use_fp16, self.use_step_condition = use_fp16, bool(use_step_condition)
+        self.unet = build_unet(unet_class, unet_config, self.use_step_condition)
         self.img_resolution = int(unet_config["sample_size"] if isinstance(unet_config.get("sample_size"), int)
                                   else unet_config["sample_size"][0])
         self.img_channels = int(unet_config["in_channels"])
@@ -202,9 +227,16 @@ class _DiffusersDenoiser:
         s = sigma.reshape(-1, 1, 1, 1)
         c_in = 1 / (s ** 2 + 1).sqrt()
         t = self.timestep(sigma).to(torch.float32)
+        if self.use_step_condition:
+            if step_condition is None:
+                raise ValueError("this network was built with use_step_condition=True: pass step_condition=num_steps")
+            step_condition = per_sample(step_condition, x.shape[0], x.device, "step_condition").to(torch.float32)
+        else:
+            step_condition = None
         autocast = bool(self.use_fp16 and not force_fp32 and x.device.type == "cuda")
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
-            out = self._model_output(c_in * x, t, class_labels, condition, unconditional_condition).to(torch.float32)
+            out = self._model_output(c_in * x, t, class_labels, condition, unconditional_condition,
+                                     step_condition).to(torch.float32)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
@@ -212,6 +244,11 @@ class _DiffusersDenoiser:
         return out
 
     def ignore_step_condition(self):
+        """Run as the pre-trained U-Net: SFD-v's step embedding is dropped (diffusers then adds no class embedding),
+        so the first-stage teacher is exactly the pipeline's network."""
+        if self.use_step_condition:
+            self.use_step_condition = False
+            setattr(self.unet, STEP_EMBEDDING, None)
         return self
 
 
@@ -228,14 +265,15 @@ class DiffusersPrecond(_DiffusersDenoiser, RecordedModule):
                  schedule,                  # the scheduler config's betas (SCHEDULE_KEYS)
                  prediction_type="epsilon",
                  use_fp16=False,
+                 use_step_condition=False,  # SFD-v: a step embedding (class_embed_type="timestep")
                  ):
         super().__init__()
-        self._setup(pipeline, unet_class, unet_config, schedule, prediction_type, use_fp16)
+        self._setup(pipeline, unet_class, unet_config, schedule, prediction_type, use_fp16, use_step_condition)
         embeds = unet_config.get("num_class_embeds")
         self.label_dim = int(embeds or 0)
 
-    def _model_output(self, x, t, class_labels, condition, unconditional_condition):
-        labels = None
+    def _model_output(self, x, t, class_labels, condition, unconditional_condition, step_condition):
+        labels = step_condition  # SFD-v's step embedding is the U-Net's class embedding (never with label_dim)
         if self.label_dim:
             if class_labels is None:
                 raise ValueError("this pipeline's U-Net is class-conditional: pass class_labels")
@@ -259,9 +297,10 @@ class DiffusersTextToImagePrecond(_DiffusersDenoiser, TextToImagePrecond):
                  scaling_factor=0.18215,    # the autoencoder's latent scale (vae/config.json)
                  guidance_rate=1.0,
                  use_fp16=False,
+                 use_step_condition=False,
                  ):
         torch.nn.Module.__init__(self)
-        self._setup(pipeline, unet_class, unet_config, schedule, prediction_type, use_fp16)
+        self._setup(pipeline, unet_class, unet_config, schedule, prediction_type, use_fp16, use_step_condition)
         self.scale_factor = float(scaling_factor)
         self.guidance_rate = guidance_rate
         self.label_dim = 0
@@ -269,11 +308,11 @@ class DiffusersTextToImagePrecond(_DiffusersDenoiser, TextToImagePrecond):
         self.base = {}
         self._frozen = _FrozenParts()
 
-    def _model_output(self, x, t, class_labels, condition, unconditional_condition):
-        return self._eps(x, t, condition, unconditional_condition, None)
+    def _model_output(self, x, t, class_labels, condition, unconditional_condition, step_condition):
+        return self._eps(x, t, condition, unconditional_condition, step_condition)
 
     def _unet(self, x, t, context, step_condition):
-        return self.unet(x, t, encoder_hidden_states=context).sample
+        return self.unet(x, t, encoder_hidden_states=context, class_labels=step_condition).sample
 
     def _first_stage(self):
         if self._frozen.first_stage is None:

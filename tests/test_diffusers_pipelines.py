@@ -113,6 +113,46 @@ def test_sd2_v_prediction_pipeline_agrees_with_diffusers(sd2):
     assert worst < REL_TOL
 
 
+def test_pixel_sample_prediction_pipeline_agrees_with_diffusers(tmp_path):
+    """prediction_type="sample": the U-Net's output is the data estimate itself (D = F)."""
+    folder = write_pixel_pipeline(str(tmp_path / "pipe"), "sample", seed=4)
+    net = load_network(model_path=folder).net
+    assert net.prediction_type == "sample"
+    unet = net.unet
+    worst = check_agreement(net, lambda x, t: unet(x, t).sample, (2, 3, 8, 8))
+    print(f"pixel sample: max relative difference to diffusers {worst:.2e}")
+    assert worst < REL_TOL
+
+
+@pytest.mark.parametrize("kind", ["pixel", "sd2"])
+def test_sfdv_teacher_is_the_pretrained_unet_and_the_step_embedding_learns(pixel, sd2, kind):
+    """SFD-v on a diffusers U-Net (class_embed_type="timestep"): the split's teacher gives the pre-trained U-Net's
+    output bit for bit, the student's fresh step embedding changes its output and receives gradient."""
+    from training.teacher import split_teacher
+
+    folder = pixel if kind == "pixel" else sd2
+    plain = load_network(model_path=folder).net
+    loaded = load_network(model_path=folder, use_step_condition=True)
+    assert loaded.settings["use_step_condition"] and loaded.net.init_kwargs["use_step_condition"]
+    student, teacher = split_teacher(loaded, freeze_step_layers=True)
+    assert student.unet.config.class_embed_type == "timestep" and teacher.unet.class_embedding is None
+    for key, value in plain.state_dict().items():  # pre-trained weights everywhere but the step embedding
+        assert torch.equal(student.state_dict()[key], value), key
+    shape = (2, plain.img_channels, 8, 8)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 3
+    sigma = torch.tensor([4.0, 0.5])
+    cond = plain.encode_prompts(["the cat", "a b c"])[0] if kind == "sd2" else None
+    steps = torch.full([2], 5.0)
+    with torch.no_grad():
+        expected = plain(x, sigma, condition=cond)
+        assert torch.equal(teacher(x, sigma, condition=cond, step_condition=steps), expected)
+    out = student(x, sigma, condition=cond, step_condition=steps)
+    assert not torch.allclose(out, expected)
+    out.square().mean().backward()
+    grads = [p.grad for p in student.unet.class_embedding.parameters()]
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def _edit(folder, path, **changes):
     with open(os.path.join(folder, path)) as f:
         config = json.load(f)
@@ -127,7 +167,7 @@ def _edit(folder, path, **changes):
     ("scheduler", ["scheduler 'FlowMatchEulerDiscreteScheduler' cannot be mapped"]),
     ("zero_snr", ["rescale_betas_zero_snr=True cannot be mapped"]),
     ("sdxl", ["SDXL-style pipelines", "not supported"]),
-    ("sfdv", ["--use_step_condition", "not available for diffusers pipelines"]),
+    ("sfdv_class", ["--use_step_condition (SFD-v) is not available", "class-conditional (num_class_embeds)"]),
 ])
 def test_strict_loading_refuses_in_one_line(pixel, tmp_path, monkeypatch, case, words):
     import shutil
@@ -150,7 +190,8 @@ def test_strict_loading_refuses_in_one_line(pixel, tmp_path, monkeypatch, case, 
         _edit(folder, "scheduler/scheduler_config.json", rescale_betas_zero_snr=True)
     elif case == "sdxl":
         _edit(folder, "model_index.json", text_encoder_2=["transformers", "CLIPTextModelWithProjection"])
-    else:
+    else:  # a class-conditional U-Net: its class embedding is where the step condition would go
+        _edit(folder, "unet/config.json", num_class_embeds=3)
         extra = ["--use_step_condition", "True"]
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(train.main, ["--model_path", folder, "--batch", "2", "--total_kimg", "0.002",

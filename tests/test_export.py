@@ -1,7 +1,8 @@
 """Distil a diffusers pipeline and hand the student back to diffusers (issue 53): a tiny SFD run (train.py
 --model_path=PIPELINE_DIR) from a pixel DDPM pipeline and from an SD-2-style v-prediction pipeline, sample.py on the
 snapshot, export.py to a pipeline folder, and DiffusionPipeline.from_pretrained sampling it with stock classes at the
-student's NFE: the same images as sample.py for the same seeds."""
+student's NFE: the same images as sample.py for the same seeds. Also: SFD-v from both pipelines (sampled at 4 and 7
+steps, refused by export.py) and SFD from a class-conditional pixel pipeline."""
 
 import glob
 import json
@@ -144,3 +145,58 @@ def test_export_refuses_what_it_cannot_express(students, tmp_path, monkeypatch):
     result = CliRunner().invoke(export.main, ["--model_path", "pre.safetensors", "--outdir", "b"])
     assert_one_line_refusal(result, "not a distilled student")
     assert not os.path.exists("a") and not os.path.exists("b")
+
+
+@pytest.fixture(scope="module")
+def sfdv_students(tmp_path_factory):
+    """Tiny SFD-v runs (step embedding = diffusers' class_embed_type="timestep") from a pixel and an SD-2-style
+    pipeline, and a plain SFD run from a class-conditional pixel pipeline (num_class_embeds)."""
+    cwd = os.getcwd()
+    root = tmp_path_factory.mktemp("sfdv")
+    try:
+        pixel = write_pixel_pipeline(str(root / "ddpm"), "epsilon", seed=11)
+        sd2 = write_sd_pipeline(str(root / "sd2"), "v_prediction", seed=13)
+        classes = write_pixel_pipeline(str(root / "classes"), "epsilon", seed=15, num_class_embeds=3)
+        captions = write_captions(str(root / "captions.csv"))
+        for name in ("p", "t", "c"):
+            os.makedirs(root / name)
+        sfdv = ["--use_step_condition", "True"]
+        yield dict(pixel=distil(str(root / "p"), pixel, *sfdv),
+                   text=distil(str(root / "t"), sd2, *sfdv, "--guidance_type", "cfg", "--guidance_rate", "3",
+                               "--captions", captions),
+                   classes=distil(str(root / "c"), classes))
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("kind", ["pixel", "text"])
+def test_sfdv_student_of_a_pipeline_samples_at_4_and_7_steps(sfdv_students, kind, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snapshot = sfdv_students[kind]
+    loaded = load_network(model_path=snapshot)
+    st = loaded.settings
+    assert st["use_step_condition"] and st["step_condition_range"] == [4, 7] and loaded.net.use_step_condition
+    assert loaded.net.unet.config.class_embed_type == "timestep"
+    prompt = ["--prompt", "the cat"] if kind == "text" else []
+    images = {}
+    for steps in (4, 7):
+        result = CliRunner().invoke(sample.main, ["--model_path", snapshot, "--seeds", "0-1", "--device", "cpu",
+                                                  "--num_steps", str(steps), "--outdir", f"k{steps}", *prompt])
+        assert result.exit_code == 0, result.output
+        images[steps] = pngs(f"k{steps}")
+    assert (images[4] != images[7]).any()
+    # export.py takes SFD students only
+    result = CliRunner().invoke(export.main, ["--model_path", snapshot, "--outdir", "exported"])
+    assert_one_line_refusal(result, "step-conditioned (SFD-v)", "export takes SFD students only")
+    assert not os.path.exists("exported")
+
+
+def test_class_conditional_pipeline_distils_and_samples(sfdv_students, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = load_network(model_path=sfdv_students["classes"])
+    assert loaded.net.label_dim == 3 and not loaded.settings["use_step_condition"]
+    result = CliRunner().invoke(sample.main, ["--model_path", sfdv_students["classes"], "--seeds", "0-1",
+                                              "--device", "cpu", "--outdir", "out"])
+    assert result.exit_code == 0, result.output
+    images = pngs("out")
+    assert images.shape == (2, 8, 8, 3) and images.std() > 0
