@@ -47,22 +47,35 @@ def to_uint8(images01):
                                                                                            else None)
 
 
-@pytest.fixture(scope="module")
-def students(tmp_path_factory):
+def distil_students(root, seed, *extra, with_classes=False):
+    """Tiny runs (`distil`, with `extra` options) from a pixel DDPM and an SD-2-style pipeline written under root, and
+    with_classes a plain SFD run from a class-conditional pixel one; their snapshots by kind. Keeps the cwd."""
     cwd = os.getcwd()
-    root = tmp_path_factory.mktemp("export")
     try:
-        pixel = write_pixel_pipeline(str(root / "ddpm"), "epsilon", seed=7)
-        sd2 = write_sd_pipeline(str(root / "sd2"), "v_prediction", seed=9)
-        captions = write_captions(str(root / "captions.csv"))
-        os.makedirs(root / "p")
-        os.makedirs(root / "t")
-        yield dict(pixel=distil(str(root / "p"), pixel),
-                   text=distil(str(root / "t"), sd2, "--guidance_type", "cfg", "--guidance_rate", "3",
-                               "--captions", captions),
-                   root=root)
+        return _distil_students(root, seed, extra, with_classes)
     finally:
         os.chdir(cwd)
+
+
+def _distil_students(root, seed, extra, with_classes):
+    pixel = write_pixel_pipeline(str(root / "ddpm"), "epsilon", seed=seed)
+    sd2 = write_sd_pipeline(str(root / "sd2"), "v_prediction", seed=seed + 2)
+    captions = write_captions(str(root / "captions.csv"))
+    for name in ("p", "t", "c"):
+        os.makedirs(root / name)
+    found = dict(pixel=distil(str(root / "p"), pixel, *extra),
+                 text=distil(str(root / "t"), sd2, *extra, "--guidance_type", "cfg", "--guidance_rate", "3",
+                             "--captions", captions),
+                 root=root)
+    if with_classes:
+        classes = write_pixel_pipeline(str(root / "classes"), "epsilon", seed=seed + 4, num_class_embeds=3)
+        found["classes"] = distil(str(root / "c"), classes)
+    return found
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    return distil_students(tmp_path_factory.mktemp("export"), 7)
 
 
 @pytest.mark.parametrize("kind", ["pixel", "text"])
@@ -151,22 +164,7 @@ def test_export_refuses_what_it_cannot_express(students, tmp_path, monkeypatch):
 def sfdv_students(tmp_path_factory):
     """Tiny SFD-v runs (step embedding = diffusers' class_embed_type="timestep") from a pixel and an SD-2-style
     pipeline, and a plain SFD run from a class-conditional pixel pipeline (num_class_embeds)."""
-    cwd = os.getcwd()
-    root = tmp_path_factory.mktemp("sfdv")
-    try:
-        pixel = write_pixel_pipeline(str(root / "ddpm"), "epsilon", seed=11)
-        sd2 = write_sd_pipeline(str(root / "sd2"), "v_prediction", seed=13)
-        classes = write_pixel_pipeline(str(root / "classes"), "epsilon", seed=15, num_class_embeds=3)
-        captions = write_captions(str(root / "captions.csv"))
-        for name in ("p", "t", "c"):
-            os.makedirs(root / name)
-        sfdv = ["--use_step_condition", "True"]
-        yield dict(pixel=distil(str(root / "p"), pixel, *sfdv),
-                   text=distil(str(root / "t"), sd2, *sfdv, "--guidance_type", "cfg", "--guidance_rate", "3",
-                               "--captions", captions),
-                   classes=distil(str(root / "c"), classes))
-    finally:
-        os.chdir(cwd)
+    return distil_students(tmp_path_factory.mktemp("sfdv"), 11, "--use_step_condition", "True", with_classes=True)
 
 
 @pytest.mark.parametrize("kind", ["pixel", "text"])
