@@ -99,6 +99,22 @@ def stopped_sfdv(tmp_path_factory, tiny_teacher_pkl):
     return work, drawn
 
 
+# An SFD-v run of 3 kimg in ticks of two iterations of 512 (ending at 1.024, 2.048, 3.072 kimg), a snapshot after
+# each tick; its folder is named sfdv-3kimg.
+SFDV_3KIMG = ["--kimg_v", "3", "--batch", "512", "--tick", "1", "--curve_v_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_sfdv(tmp_path_factory, tiny_teacher_pkl):
+    """A work folder whose 3-kimg SFD-v run (SFDV_3KIMG) finished and was scored. The second-stage tests, which
+    distil from it, copy this one (`copy_of`) rather than distil their own."""
+    work = tmp_path_factory.mktemp("finished-sfdv") / "work"
+    r = run(TINY + ["--teacher", tiny_teacher_pkl[0], "--workdir", str(work), "--out", str(work) + ".md",
+                    "--rows", "sfdv"] + SFDV_3KIMG)
+    assert r.exit_code == 0, r.output
+    return work
+
+
 def copy_of(work, to):
     shutil.copytree(work, to)
     return to
@@ -439,6 +455,7 @@ def test_a_larger_budget_distils_anew_and_the_table_shows_the_longest_trained_mo
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("stopped_sfdv")  # one worker builds the shared fixture
 def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_kimg(tmp_path, tiny, stopped_sfdv):
     """SFD-v's curve at 2 NFE: with --partial a stopped run's kept dump stands in for a snapshot it never wrote
     (here: a run started with sparser snapshots); the resumed run writes a snapshot every --curve_v_every ticks and
@@ -480,6 +497,7 @@ def test_sfdv_curve_scores_dumps_of_a_stopped_run_then_snapshots_with_its_2nfe_k
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("stopped_sfdv")  # one worker builds the shared fixture
 def test_a_run_started_again_keeps_its_own_curve_apart_from_a_lost_runs_rows(tmp_path, tiny, stopped_sfdv):
     """A work folder lost and its SFD-v run started again from scratch: the merged rows of the first run do not
     count as the new run's curve points (the two are different runs at the same kimg), and the table tells them
@@ -517,14 +535,15 @@ def test_the_committed_table_is_what_its_committed_rows_give(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tmp_path, tiny):
+@pytest.mark.xdist_group("finished_sfdv")  # one worker builds the shared fixture
+def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tmp_path, tiny, finished_sfdv):
     """The second stage's curve at 1 NFE: with --partial a stopped run's dump is a point (the same network as its
     stopped row); the resumed run writes a snapshot every --curve_2_every ticks and each interval's is scored, with
     the stage's own time (its row adds the SFD-v model's). The table lists the points; --plots draws them."""
-    work, out = tmp_path / "work", tmp_path / "t.md"
+    work, out = copy_of(finished_sfdv, tmp_path / "work"), tmp_path / "t.md"
     # Ticks of two iterations of 512; the second stage's end at 1.024, 2.048, ... 10.24 kimg.
-    args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfdv,stage2", "--kimg_v", "1", "--kimg2",
-                   "10", "--batch", "512", "--tick", "1", "--dump_every", "1", "--curve_2_every", "3"]
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--rows", "sfdv,stage2"] + SFDV_3KIMG + [
+        "--kimg2", "10", "--dump_every", "1", "--curve_2_every", "3"]
     with killed_at_dump(4, run_name="stage2-"):
         assert run(args).exit_code == 1
     run_dir = work / "distil" / "stage2-10kimg"
@@ -563,7 +582,8 @@ def test_second_stage_curve_scores_its_1nfe_student_from_dumps_then_snapshots(tm
 
 
 @pytest.mark.slow
-def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path, tiny, monkeypatch):
+@pytest.mark.xdist_group("finished_sfdv")  # one worker builds the shared fixture
+def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path, tiny, monkeypatch, finished_sfdv):
     """--stage2_from K: the second stage distils from the SFD-v run's snapshot at K kimg (not its finished model) in
     a folder of its own; its row names K and adds the SFD-v run's time up to K, and a K the run has no snapshot of
     is a one-line error."""
@@ -575,12 +595,11 @@ def test_second_stage_can_start_from_an_sfdv_snapshot_in_its_own_folder(tmp_path
         return real_loop(**kwargs)
 
     monkeypatch.setattr(runs, "training_loop", record)
-    work, out = tmp_path / "work", tmp_path / "t.md"
+    work, out = copy_of(finished_sfdv, tmp_path / "work"), tmp_path / "t.md"
     # SFD-v ticks of two iterations of 512 end at 1.024, 2.048, 3.072 kimg, a snapshot after each.
-    args = tiny + ["--workdir", str(work), "--out", str(out), "--kimg_v", "3", "--kimg2", "0.004", "--batch", "512",
-                   "--tick", "1", "--curve_v_every", "1"]
-    r = run(args + ["--rows", "sfdv"])
-    assert r.exit_code == 0, r.output
+    args = tiny + ["--workdir", str(work), "--out", str(out), "--kimg2", "0.004"] + SFDV_3KIMG
+    r = run(args + ["--rows", "sfdv"])  # the fixture distilled it: found finished
+    assert r.exit_code == 0 and not started, r.output
     run_v = work / "distil" / "sfdv-3kimg"
     assert (run_v / "network-snapshot-000002.safetensors").exists()
 
