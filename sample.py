@@ -85,12 +85,11 @@ def image_grid(images_uint8):
 def check_sampling_options(opts):
     """One-line errors for solver options that are wrong whatever the model (before anything is loaded)."""
     solver = opts.solver or "euler"
-    order_range = solvers.TABLE[solver].order_range
-    if opts.max_order is not None and order_range is not None:
-        lo, hi = order_range
-        if not lo <= opts.max_order <= hi:
-            raise click.BadParameter(f"{opts.max_order} is out of range for --solver={solver} (allowed {lo}..{hi})",
-                                     param_hint="--max_order")
+    if solvers.TABLE[solver].order_range is not None:  # other solvers' max_order: check_solver_options below
+        try:
+            solvers.TABLE[solver].check_max_order(opts.max_order, optional=True)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--max_order") from None
     for name in ("sigma_min", "sigma_max"):
         if opts[name] is not None and not opts[name] > 0:
             raise click.BadParameter(f"must be > 0, got {opts[name]}", param_hint=f"--{name}")

@@ -27,7 +27,7 @@ class SolverSpec:
         """(this solver's options with the defaults filled in, the other arguments) of a sampler call."""
         own = {k: kwargs[k] if k in kwargs else v for k, v in self.options.items()}
         if self.order_range is not None:
-            own["max_order"] = check_order("max_order", own["max_order"], *self.order_range, self.sampler.__name__)
+            own["max_order"] = self.check_max_order(own["max_order"])
         return own, {k: v for k, v in kwargs.items() if k not in self.options}
 
     def check_options(self, options):
@@ -37,14 +37,21 @@ class SolverSpec:
             raise ValueError(f"solver {self.name!r} has no option(s) {', '.join(unknown)}; "
                              f"its options are {sorted(self.options) or 'none'}")
 
+    def check_max_order(self, value, optional=False):
+        """The one check of max_order (train.py, sample.py and the sampler itself call it): a plain int in this
+        solver's order_range (None too with `optional`: the solver's default). Anything else is a one-line
+        ValueError."""
+        if value is None and optional:
+            return None
+        if self.order_range is None:
+            raise ValueError(f"the {self.name} solver has no max_order")
+        lo, hi = self.order_range
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+            raise ValueError(f"{self.sampler.__name__}: max_order must be an int in {lo}..{hi} for the {self.name} "
+                             f"solver, got {value!r}")
+        return int(value)
+
     def nfe(self, num_steps, afs=False, denoise_to_zero=False):
         """Network calls over num_steps time points (num_steps - 1 steps): AFS replaces the first call,
         denoise_to_zero adds one."""
         return self.nfe_per_step * (num_steps - 1) - int(bool(afs)) + int(bool(denoise_to_zero))
-
-
-def check_order(option, value, lowest, highest, solver):
-    """Solver orders are plain ints in [lowest, highest]; anything else is a one-line ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lowest <= value <= highest:
-        raise ValueError(f"{solver}: {option} must be an int in {lowest}..{highest}, got {value!r}")
-    return int(value)

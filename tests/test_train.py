@@ -74,8 +74,8 @@ def test_dry_run_writes_nothing(tmp_path, tiny_teacher_pkl):
 @pytest.mark.parametrize("args, message", [
     (["--num_steps", "2"], "no network call"),
     (["--num_steps", "1", "--afs", "False"], "at least 2"),
-    (["--max_order", "4"], "out of range"),
-    (["--sampler_tea", "ipndm", "--max_order", "5"], "out of range"),
+    (["--max_order", "4"], "max_order must be an int in 1..3 for the dpmpp solver, got 4"),
+    (["--sampler_tea", "ipndm", "--max_order", "5"], "max_order must be an int in 1..4 for the ipndm solver, got 5"),
     (["--sampler_tea", "rk45"], "rk45"),
     (["--schedule_type", "cosine"], "cosine"),
     (["--M", "-1"], "-1"),

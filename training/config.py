@@ -80,12 +80,10 @@ class DistillConfig:
         if self.sampler_tea not in solvers.TABLE:
             raise OptionError("sampler_tea", f"unknown solver {self.sampler_tea!r}; choose one of "
                                              f"{', '.join(solvers.TABLE)}")
-        order_range = solvers.TABLE[self.sampler_tea].order_range
-        if self.max_order is not None and order_range is not None:
-            lo, hi = order_range
-            if not lo <= self.max_order <= hi:
-                raise OptionError("max_order", f"{self.max_order} is out of range for --sampler_tea="
-                                               f"{self.sampler_tea} (allowed {lo}..{hi})")
+        try:
+            solvers.TABLE[self.sampler_tea].check_max_order(self.max_order, optional=True)
+        except ValueError as e:
+            raise OptionError("max_order", str(e)) from None
         if self.schedule_type not in solvers.SCHEDULE_TYPES:
             raise OptionError("schedule_type", f"unknown schedule {self.schedule_type!r}; choose one of "
                                                f"{', '.join(solvers.SCHEDULE_TYPES)}")
